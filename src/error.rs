@@ -1,0 +1,234 @@
+//! Failures: the one place that decides whether a failure is transient
+//! (retry, then nack) or permanent (dead-letter), and the small fixed set of
+//! error kinds used in logs, metrics and dead-letter attributes.
+
+use crate::message::MessageError;
+use crate::pubsub::PubsubError;
+use crate::source::SourceError;
+use crate::store::{StoreCause, StoreError};
+use std::fmt;
+
+/// Why a message was not stored; a bounded set, safe as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The data is not JSON.
+    InvalidJson,
+    /// JSON, but not a valid "audio processed" message.
+    InvalidMessage,
+    /// A source of a form audio-store does not read (relative path, `http://`, a directory, ...).
+    UnsupportedSource,
+    /// A source outside `sources.local_roots` or `storage.staging_buckets`.
+    SourceNotAllowed,
+    /// A source that does not exist, with nothing stored for it.
+    SourceMissing,
+    /// The audio is not audio, the thumbnail not an image, or a file is empty.
+    BadContent,
+    /// An object of this identity exists with different content.
+    IdConflict,
+    /// Cloud Storage did not answer, or answered 408/429/5xx.
+    StorageUnavailable,
+    /// Cloud Storage refused the request (permissions, missing bucket): fixed by an operator, not by the message.
+    StorageRejected,
+    /// Pub/Sub did not confirm a publish or an ack.
+    PubsubUnavailable,
+    /// A local source exists but could not be read.
+    SourceUnreadable,
+}
+
+impl ErrorKind {
+    /// Every kind, for metrics and documentation.
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::InvalidJson,
+        ErrorKind::InvalidMessage,
+        ErrorKind::UnsupportedSource,
+        ErrorKind::SourceNotAllowed,
+        ErrorKind::SourceMissing,
+        ErrorKind::BadContent,
+        ErrorKind::IdConflict,
+        ErrorKind::StorageUnavailable,
+        ErrorKind::StorageRejected,
+        ErrorKind::PubsubUnavailable,
+        ErrorKind::SourceUnreadable,
+    ];
+
+    /// The snake_case name used in logs, metrics and the `error_kind` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidJson => "invalid_json",
+            ErrorKind::InvalidMessage => "invalid_message",
+            ErrorKind::UnsupportedSource => "unsupported_source",
+            ErrorKind::SourceNotAllowed => "source_not_allowed",
+            ErrorKind::SourceMissing => "source_missing",
+            ErrorKind::BadContent => "bad_content",
+            ErrorKind::IdConflict => "id_conflict",
+            ErrorKind::StorageUnavailable => "storage_unavailable",
+            ErrorKind::StorageRejected => "storage_rejected",
+            ErrorKind::PubsubUnavailable => "pubsub_unavailable",
+            ErrorKind::SourceUnreadable => "source_unreadable",
+        }
+    }
+
+    /// Whether retrying the same message can never succeed: it is dead-lettered.
+    pub fn is_permanent(self) -> bool {
+        match self {
+            ErrorKind::InvalidJson
+            | ErrorKind::InvalidMessage
+            | ErrorKind::UnsupportedSource
+            | ErrorKind::SourceNotAllowed
+            | ErrorKind::SourceMissing
+            | ErrorKind::BadContent
+            | ErrorKind::IdConflict => true,
+            ErrorKind::StorageUnavailable
+            | ErrorKind::StorageRejected
+            | ErrorKind::PubsubUnavailable
+            | ErrorKind::SourceUnreadable => false,
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// Why one message could not be stored: a kind and a one-line description.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct Failure {
+    kind: ErrorKind,
+    message: String,
+}
+
+/// Longest description carried in logs and the `error` attribute.
+const MAX_MESSAGE_CHARS: usize = 500;
+
+impl Failure {
+    /// A failure of `kind` described by `message` (made one line, bounded).
+    pub fn new(kind: ErrorKind, message: impl fmt::Display) -> Failure {
+        let text = message.to_string();
+        let mut line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if line.chars().count() > MAX_MESSAGE_CHARS {
+            line = line.chars().take(MAX_MESSAGE_CHARS).collect::<String>() + "…";
+        }
+        Failure { kind, message: line }
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The one-line description (without the kind).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether the message should be dead-lettered rather than retried.
+    pub fn is_permanent(&self) -> bool {
+        self.kind.is_permanent()
+    }
+}
+
+impl From<MessageError> for Failure {
+    fn from(error: MessageError) -> Failure {
+        match error {
+            MessageError::InvalidJson(_) => Failure::new(ErrorKind::InvalidJson, error),
+            MessageError::Invalid(_) => Failure::new(ErrorKind::InvalidMessage, error),
+            MessageError::Source { field, error } => {
+                let kind = source_kind(&error);
+                Failure::new(kind, format!("{field}: {error}"))
+            }
+        }
+    }
+}
+
+impl From<SourceError> for Failure {
+    fn from(error: SourceError) -> Failure {
+        Failure::new(source_kind(&error), error)
+    }
+}
+
+fn source_kind(error: &SourceError) -> ErrorKind {
+    match error {
+        SourceError::Unsupported(_) | SourceError::NotAFile(_) => ErrorKind::UnsupportedSource,
+        SourceError::NotAllowed(_) => ErrorKind::SourceNotAllowed,
+        SourceError::Missing(_) => ErrorKind::SourceMissing,
+        SourceError::Unreadable { error, .. } if error.kind() == std::io::ErrorKind::PermissionDenied => {
+            ErrorKind::SourceUnreadable
+        }
+        SourceError::Unreadable { .. } => ErrorKind::SourceUnreadable,
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Failure {
+        let kind = match &error.cause {
+            StoreCause::Io(_) => ErrorKind::SourceUnreadable,
+            cause => match cause.http_status() {
+                Some(408 | 429) | Some(500..=599) | None => ErrorKind::StorageUnavailable,
+                Some(_) => ErrorKind::StorageRejected,
+            },
+        };
+        Failure::new(kind, error)
+    }
+}
+
+impl From<PubsubError> for Failure {
+    fn from(error: PubsubError) -> Failure {
+        Failure::new(ErrorKind::PubsubUnavailable, error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_problems_are_permanent_and_service_problems_are_not() {
+        let permanent: Vec<&str> = ErrorKind::ALL
+            .iter()
+            .filter(|kind| kind.is_permanent())
+            .map(|kind| kind.as_str())
+            .collect();
+        assert_eq!(
+            permanent,
+            [
+                "invalid_json",
+                "invalid_message",
+                "unsupported_source",
+                "source_not_allowed",
+                "source_missing",
+                "bad_content",
+                "id_conflict"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failure_is_one_bounded_line() {
+        let failure = Failure::new(ErrorKind::InvalidJson, format!("a\nb\t{}", "x".repeat(2000)));
+        assert!(!failure.message().contains('\n'));
+        assert!(failure.message().chars().count() <= MAX_MESSAGE_CHARS + 1);
+        assert!(failure.message().starts_with("a b x"));
+    }
+
+    #[test]
+    fn storage_statuses_are_classified() {
+        let with_status = |status| {
+            Failure::from(StoreError {
+                operation: "upload",
+                target: "gs://b/o".into(),
+                cause: StoreCause::Status {
+                    status,
+                    message: "m".into(),
+                },
+            })
+            .kind()
+        };
+        assert_eq!(with_status(503), ErrorKind::StorageUnavailable);
+        assert_eq!(with_status(429), ErrorKind::StorageUnavailable);
+        assert_eq!(with_status(403), ErrorKind::StorageRejected);
+        assert!(!with_status(403).is_permanent());
+    }
+}

@@ -1,0 +1,123 @@
+//! The output: the "audio stored" event, in the wire shape SPEC.md fixes.
+
+use crate::identity::AudioId;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// `event_type` attribute value of every stored event.
+pub const EVENT_TYPE: &str = "audio.stored";
+
+/// One object in the archive, as the event describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredObject {
+    /// `gs://bucket/name`.
+    pub uri: String,
+    /// The archive bucket.
+    pub bucket: String,
+    /// The object name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The sniffed content type.
+    pub content_type: String,
+    /// CRC32C, base64 of the big-endian value (the GCS convention).
+    pub crc32c: String,
+    /// MD5, base64, where the server reported one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
+    /// The object generation, as a decimal string.
+    pub generation: String,
+}
+
+/// Where the stored files came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventSource {
+    /// The input message id.
+    pub message_id: String,
+    /// The audio source as the message named it.
+    pub audio: String,
+    /// The thumbnail source as the message named it.
+    pub thumbnail: Option<String>,
+}
+
+/// The "audio stored" event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredEvent {
+    /// The deterministic identity.
+    pub audio_id: String,
+    /// The audio object.
+    pub audio: StoredObject,
+    /// The thumbnail object; `null` when the message had none.
+    pub thumbnail: Option<StoredObject>,
+    /// Provenance.
+    pub source: EventSource,
+    /// The message's metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// When the event was built, RFC 3339 UTC with milliseconds.
+    pub stored_at: String,
+}
+
+impl StoredEvent {
+    /// The event's JSON data.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an event of strings and numbers always serialises")
+    }
+
+    /// The event's attributes: `audio_id` and `event_type`.
+    pub fn attributes(audio_id: AudioId) -> [(String, String); 2] {
+        [
+            ("audio_id".into(), audio_id.to_string()),
+            ("event_type".into(), EVENT_TYPE.into()),
+        ]
+    }
+}
+
+/// Formats a timestamp as SPEC.md shows it: `2026-11-24T01:02:03.456Z`.
+pub fn format_timestamp(timestamp: jiff::Timestamp) -> String {
+    timestamp.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_have_milliseconds_and_a_z() -> Result<(), jiff::Error> {
+        let timestamp: jiff::Timestamp = "2026-11-24T01:02:03.456789Z".parse()?;
+        assert_eq!(format_timestamp(timestamp), "2026-11-24T01:02:03.456Z");
+        let whole: jiff::Timestamp = "2026-11-24T01:02:03Z".parse()?;
+        assert_eq!(format_timestamp(whole), "2026-11-24T01:02:03.000Z");
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_thumbnail_is_null_and_a_missing_md5_is_absent() -> Result<(), serde_json::Error> {
+        let object = StoredObject {
+            uri: "gs://b/n".into(),
+            bucket: "b".into(),
+            name: "n".into(),
+            size: 1,
+            content_type: "audio/wav".into(),
+            crc32c: "AAAAAA==".into(),
+            md5: None,
+            generation: "1".into(),
+        };
+        let event = StoredEvent {
+            audio_id: "id".into(),
+            audio: object,
+            thumbnail: None,
+            source: EventSource {
+                message_id: "m".into(),
+                audio: "/a.wav".into(),
+                thumbnail: None,
+            },
+            metadata: BTreeMap::new(),
+            stored_at: "2026-11-24T01:02:03.456Z".into(),
+        };
+        let json: serde_json::Value = serde_json::from_slice(&event.to_json())?;
+        assert_eq!(json["thumbnail"], serde_json::Value::Null);
+        assert!(json["audio"].get("md5").is_none());
+        assert_eq!(json["audio"]["generation"], "1");
+        Ok(())
+    }
+}

@@ -1,0 +1,330 @@
+//! The input: an "audio processed" Pub/Sub message, parsed once into a
+//! [`AudioMessage`] that cannot hold an invalid value.
+
+use crate::identity::{AudioId, IdentityKey};
+use crate::source::{Source, SourceError};
+use std::collections::{BTreeMap, HashMap};
+
+/// Most entries a message's `metadata` may have.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Most bytes of keys and values together (GCS allows 8 KiB of custom metadata, we add our own).
+pub const MAX_METADATA_BYTES: usize = 6 * 1024;
+/// Metadata keys the worker writes itself; a message may not set them.
+pub const RESERVED_METADATA_KEYS: [&str; 4] = ["audio-id", "kind", "source-uri", "source-message-id"];
+
+/// A message as Pub/Sub delivered it, free of SDK types.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    /// The Pub/Sub message id.
+    pub message_id: String,
+    /// The raw data.
+    pub data: bytes::Bytes,
+    /// The message attributes.
+    pub attributes: HashMap<String, String>,
+    /// When Pub/Sub accepted the message.
+    pub publish_time: Option<jiff::Timestamp>,
+    /// How often Pub/Sub has delivered it (only with a dead-letter policy).
+    pub delivery_attempt: Option<i32>,
+}
+
+/// Why a message's data is not a valid "audio processed" message.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    /// Not UTF-8 JSON at all.
+    #[error("data is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// JSON, but not the schema.
+    #[error("{0}")]
+    Invalid(String),
+    /// A source field that cannot be used.
+    #[error("{field}: {error}")]
+    Source {
+        /// `audio` or `thumbnail`.
+        field: &'static str,
+        /// What is wrong with it.
+        error: SourceError,
+    },
+}
+
+/// A valid "audio processed" message.
+#[derive(Debug, Clone)]
+pub struct AudioMessage {
+    /// The Pub/Sub message id of this delivery.
+    pub message_id: String,
+    /// The deterministic identity.
+    pub audio_id: AudioId,
+    /// The audio file.
+    pub audio: Source,
+    /// The cover image, if any.
+    pub thumbnail: Option<Source>,
+    /// Producer metadata, copied to objects and the event.
+    pub metadata: BTreeMap<String, String>,
+    /// The publish time of the original message (kept across dead-letter replays), for `{yyyy}` `{mm}` `{dd}`.
+    pub published: jiff::Timestamp,
+}
+
+impl AudioMessage {
+    /// Parses and validates `envelope`; `staging_buckets` are the buckets `gs://` sources may name.
+    pub fn parse(envelope: &Envelope, staging_buckets: &[String]) -> Result<AudioMessage, MessageError> {
+        let value: serde_json::Value = serde_json::from_slice(&envelope.data)
+            .map_err(|error| MessageError::InvalidJson(error.to_string()))?;
+        let serde_json::Value::Object(fields) = value else {
+            return Err(MessageError::Invalid(format!(
+                "data must be a JSON object, got {}",
+                json_type(&value)
+            )));
+        };
+        let audio = match fields.get("audio") {
+            None | Some(serde_json::Value::Null) => {
+                return Err(MessageError::Invalid("audio is required".into()));
+            }
+            Some(serde_json::Value::String(text)) => {
+                Source::parse(text, staging_buckets).map_err(|error| MessageError::Source {
+                    field: "audio",
+                    error,
+                })?
+            }
+            Some(other) => {
+                return Err(MessageError::Invalid(format!(
+                    "audio must be a string, got {}",
+                    json_type(other)
+                )));
+            }
+        };
+        let thumbnail = match fields.get("thumbnail") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(text)) if text.is_empty() => None,
+            Some(serde_json::Value::String(text)) => Some(Source::parse(text, staging_buckets).map_err(
+                |error| MessageError::Source {
+                    field: "thumbnail",
+                    error,
+                },
+            )?),
+            Some(other) => {
+                return Err(MessageError::Invalid(format!(
+                    "thumbnail must be a string or null, got {}",
+                    json_type(other)
+                )));
+            }
+        };
+        let id = match fields.get("id") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(text)) => Some(text.as_str()),
+            Some(other) => {
+                return Err(MessageError::Invalid(format!(
+                    "id must be a string, got {}",
+                    json_type(other)
+                )));
+            }
+        };
+        let metadata = parse_metadata(fields.get("metadata"))?;
+
+        let attribute = |name: &str| envelope.attributes.get(name).map(String::as_str);
+        let key = IdentityKey::choose(
+            id,
+            attribute("idempotency_key"),
+            attribute("original_message_id"),
+            &envelope.message_id,
+        );
+        Ok(AudioMessage {
+            message_id: envelope.message_id.clone(),
+            audio_id: AudioId::from_key(key),
+            audio,
+            thumbnail,
+            metadata,
+            published: original_publish_time(envelope),
+        })
+    }
+}
+
+/// The original publish time: kept by our dead-lettering and replay
+/// (`original_publish_time`) and by Pub/Sub's
+/// (`CloudPubSubDeadLetterSourceTopicPublishTime`), so a replay lands under
+/// the same date-based names as the first attempt would have.
+fn original_publish_time(envelope: &Envelope) -> jiff::Timestamp {
+    [
+        "original_publish_time",
+        "CloudPubSubDeadLetterSourceTopicPublishTime",
+    ]
+    .iter()
+    .filter_map(|name| envelope.attributes.get(*name))
+    .find_map(|text| text.parse::<jiff::Timestamp>().ok())
+    .or(envelope.publish_time)
+    .unwrap_or_else(jiff::Timestamp::now)
+}
+
+fn parse_metadata(value: Option<&serde_json::Value>) -> Result<BTreeMap<String, String>, MessageError> {
+    let entries = match value {
+        None | Some(serde_json::Value::Null) => return Ok(BTreeMap::new()),
+        Some(serde_json::Value::Object(entries)) => entries,
+        Some(other) => {
+            return Err(MessageError::Invalid(format!(
+                "metadata must be an object of strings, got {}",
+                json_type(other)
+            )));
+        }
+    };
+    if entries.len() > MAX_METADATA_ENTRIES {
+        return Err(MessageError::Invalid(format!(
+            "metadata has {} entries, at most {MAX_METADATA_ENTRIES} are allowed",
+            entries.len()
+        )));
+    }
+    let mut metadata = BTreeMap::new();
+    let mut bytes = 0;
+    for (key, value) in entries {
+        let serde_json::Value::String(text) = value else {
+            return Err(MessageError::Invalid(format!(
+                "metadata.{key} must be a string, got {}",
+                json_type(value)
+            )));
+        };
+        if key.is_empty() || key.len() > 128 || key.chars().any(|c| c.is_control()) {
+            return Err(MessageError::Invalid(format!(
+                "metadata key {key:?} must be 1-128 characters without control characters"
+            )));
+        }
+        if RESERVED_METADATA_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
+            return Err(MessageError::Invalid(format!(
+                "metadata key {key:?} is reserved for audio-store"
+            )));
+        }
+        bytes += key.len() + text.len();
+        metadata.insert(key.clone(), text.clone());
+    }
+    if bytes > MAX_METADATA_BYTES {
+        return Err(MessageError::Invalid(format!(
+            "metadata is {bytes} bytes, at most {MAX_METADATA_BYTES} are allowed"
+        )));
+    }
+    Ok(metadata)
+}
+
+fn json_type(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(data: &str) -> Envelope {
+        Envelope {
+            message_id: "1001".into(),
+            data: bytes::Bytes::copy_from_slice(data.as_bytes()),
+            attributes: HashMap::new(),
+            publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
+            delivery_attempt: None,
+        }
+    }
+
+    fn staging() -> Vec<String> {
+        vec!["audio-staging".to_string()]
+    }
+
+    #[test]
+    fn a_full_message_parses() -> Result<(), MessageError> {
+        let message = AudioMessage::parse(
+            &envelope(
+                r#"{"audio": "/var/spool/audio/7f3c.flac", "thumbnail": "gs://audio-staging/7f3c/cover.jpg",
+                    "id": "track-7f3c", "metadata": {"user_id": "u123"}, "extra": true}"#,
+            ),
+            &staging(),
+        )?;
+        assert_eq!(message.audio, Source::Local("/var/spool/audio/7f3c.flac".into()));
+        assert_eq!(
+            message.thumbnail,
+            Some(Source::Gcs {
+                bucket: "audio-staging".into(),
+                object: "7f3c/cover.jpg".into()
+            })
+        );
+        assert_eq!(
+            message.audio_id,
+            AudioId::from_key(IdentityKey::Producer("track-7f3c"))
+        );
+        assert_eq!(message.metadata.get("user_id").map(String::as_str), Some("u123"));
+        Ok(())
+    }
+
+    #[test]
+    fn without_keys_the_message_id_is_the_identity() -> Result<(), MessageError> {
+        let message = AudioMessage::parse(&envelope(r#"{"audio": "/a/b.wav"}"#), &staging())?;
+        assert_eq!(
+            message.audio_id,
+            AudioId::from_key(IdentityKey::MessageId("1001"))
+        );
+        assert_eq!(message.thumbnail, None);
+        Ok(())
+    }
+
+    #[test]
+    fn the_idempotency_key_attribute_is_the_identity_when_id_is_absent() -> Result<(), MessageError> {
+        let mut envelope = envelope(r#"{"audio": "/a/b.wav"}"#);
+        envelope.attributes.insert("idempotency_key".into(), "k-1".into());
+        let message = AudioMessage::parse(&envelope, &staging())?;
+        assert_eq!(message.audio_id, AudioId::from_key(IdentityKey::Producer("k-1")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_replayed_message_keeps_its_original_date() -> Result<(), Box<dyn std::error::Error>> {
+        let mut envelope = envelope(r#"{"audio": "/a/b.wav"}"#);
+        envelope
+            .attributes
+            .insert("original_publish_time".into(), "2025-01-02T03:04:05Z".into());
+        let message = AudioMessage::parse(&envelope, &staging())?;
+        assert_eq!(
+            message.published,
+            "2025-01-02T03:04:05Z".parse::<jiff::Timestamp>()?
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn malformed_messages_are_rejected_with_a_reason() {
+        let cases = [
+            ("not json", "not valid JSON"),
+            ("[1, 2]", "must be a JSON object, got an array"),
+            ("{}", "audio is required"),
+            (r#"{"audio": 7}"#, "audio must be a string"),
+            (
+                r#"{"audio": "/a.wav", "thumbnail": 1}"#,
+                "thumbnail must be a string",
+            ),
+            (r#"{"audio": "/a.wav", "id": {}}"#, "id must be a string"),
+            (
+                r#"{"audio": "/a.wav", "metadata": []}"#,
+                "metadata must be an object",
+            ),
+            (
+                r#"{"audio": "/a.wav", "metadata": {"n": 1}}"#,
+                "metadata.n must be a string",
+            ),
+            (
+                r#"{"audio": "/a.wav", "metadata": {"audio-id": "x"}}"#,
+                "reserved",
+            ),
+            (r#"{"audio": "relative.wav"}"#, "audio:"),
+        ];
+        for (data, expected) in cases {
+            let error = AudioMessage::parse(&envelope(data), &staging()).expect_err(data);
+            assert!(error.to_string().contains(expected), "{data}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_huge_metadata_map_is_rejected() {
+        let entries: Vec<String> = (0..1000).map(|i| format!("\"k{i}\": \"v\"")).collect();
+        let data = format!(r#"{{"audio": "/a.wav", "metadata": {{{}}}}}"#, entries.join(","));
+        let error = AudioMessage::parse(&envelope(&data), &staging()).expect_err("too many entries");
+        assert!(error.to_string().contains("at most 64"), "{error}");
+    }
+}

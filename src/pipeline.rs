@@ -1,0 +1,601 @@
+//! The pipeline: everything that happens to one message, from parsing to
+//! ack and cleanup, as one function that never panics and never loses data.
+//!
+//! Order, for one message: parse → store both objects (concurrently,
+//! each verified by CRC32C) → publish the "stored" event and wait for the
+//! confirmation → ack → delete the sources. Permanent failures go to the
+//! dead-letter topic (then ack); transient ones are retried in process and
+//! finally nacked.
+
+use crate::config::Settings;
+use crate::content::{self, ContentType, MediaClass};
+use crate::error::{ErrorKind, Failure};
+use crate::event::{self, EventSource, StoredEvent, StoredObject};
+use crate::layout::{Date, Kind};
+use crate::message::{AudioMessage, Envelope};
+use crate::pubsub::{Delivery, Outbox};
+use crate::source::{self, Source, SourceError};
+use crate::store::{self, NewObject, ObjectInfo, StagingObject, Store, StoreError, Written};
+use backon::{ExponentialBuilder, Retryable as _};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::io::AsyncReadExt as _;
+use tracing::{Instrument as _, info, warn};
+
+/// How one message ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both objects were written by this delivery, the event confirmed, the message acked.
+    Stored,
+    /// The objects were already there (a redelivery or replay); the event was published again and the message acked.
+    AlreadyStored,
+    /// A permanent failure, published to the dead-letter topic and acked.
+    DeadLettered(ErrorKind),
+    /// Not settled: returned to Pub/Sub for redelivery.
+    Nacked(ErrorKind),
+}
+
+/// What processing one message needs: the archive, the event outbox and the dead-letter outbox.
+#[derive(Clone)]
+pub struct Pipeline {
+    settings: Arc<Settings>,
+    store: Store,
+    events: Outbox,
+    dead_letters: Option<Outbox>,
+}
+
+/// One stored file: the event's description of it, and the source to remove once acked.
+#[derive(Debug)]
+struct Part {
+    object: StoredObject,
+    written: bool,
+    cleanup: Option<Cleanup>,
+}
+
+/// A source to delete after the ack: exactly what was read, nothing else.
+#[derive(Debug, Clone)]
+enum Cleanup {
+    Local(std::path::PathBuf),
+    Staging {
+        bucket: String,
+        name: String,
+        generation: i64,
+    },
+}
+
+/// The result of storing a message: the event to publish and what to clean up.
+#[derive(Debug)]
+struct Stored {
+    event: StoredEvent,
+    written: bool,
+    cleanups: Vec<Cleanup>,
+}
+
+impl Pipeline {
+    /// Assembles a pipeline from connected clients.
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        events: Outbox,
+        dead_letters: Option<Outbox>,
+    ) -> Pipeline {
+        Pipeline {
+            settings,
+            store,
+            events,
+            dead_letters,
+        }
+    }
+
+    /// Processes one delivered message to the end: stored and acked, dead-lettered, or nacked.
+    pub async fn handle(&self, envelope: Envelope, delivery: Delivery) -> Outcome {
+        let span = tracing::info_span!(
+            "message",
+            message_id = %envelope.message_id,
+            audio_id = tracing::field::Empty,
+            delivery_attempt = envelope.delivery_attempt,
+        );
+        self.handle_in_span(envelope, delivery).instrument(span).await
+    }
+
+    async fn handle_in_span(&self, envelope: Envelope, delivery: Delivery) -> Outcome {
+        let started = std::time::Instant::now();
+        let result = match AudioMessage::parse(&envelope, &self.settings.storage.staging_buckets) {
+            Ok(message) => {
+                tracing::Span::current().record("audio_id", tracing::field::display(message.audio_id));
+                self.store_with_retries(&message).await
+            }
+            Err(error) => Err(Failure::from(error)),
+        };
+        match result {
+            Ok(stored) => {
+                if let Err(error) = delivery.ack().await {
+                    // Not acked: the message comes back and identity makes the redelivery harmless.
+                    // Keep the sources so that the redelivery finds them.
+                    warn!(%error, error_kind = ErrorKind::PubsubUnavailable.as_str(), "ack not confirmed; keeping the sources");
+                    return Outcome::Nacked(ErrorKind::PubsubUnavailable);
+                }
+                self.clean_up(&stored.cleanups).await;
+                info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    audio = %stored.event.audio.uri,
+                    thumbnail = stored.event.thumbnail.as_ref().map(|t| t.uri.as_str()),
+                    written = stored.written,
+                    "stored"
+                );
+                if stored.written {
+                    Outcome::Stored
+                } else {
+                    Outcome::AlreadyStored
+                }
+            }
+            Err(failure) if failure.is_permanent() => self.dead_letter(&envelope, delivery, &failure).await,
+            Err(failure) => {
+                warn!(
+                    error = failure.message(),
+                    error_kind = failure.kind().as_str(),
+                    "giving up for now; nacking for redelivery"
+                );
+                delivery.nack();
+                Outcome::Nacked(failure.kind())
+            }
+        }
+    }
+
+    fn backoff(&self) -> ExponentialBuilder {
+        let retry = &self.settings.retry;
+        ExponentialBuilder::default()
+            .with_min_delay(retry.initial_backoff)
+            .with_max_delay(retry.max_backoff)
+            .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
+            .with_jitter()
+    }
+
+    async fn store_with_retries(&self, message: &AudioMessage) -> Result<Stored, Failure> {
+        (|| self.store_once(message))
+            .retry(self.backoff())
+            .sleep(tokio::time::sleep)
+            .when(|failure: &Failure| !failure.is_permanent())
+            .notify(|failure: &Failure, delay| {
+                warn!(
+                    error = failure.message(),
+                    error_kind = failure.kind().as_str(),
+                    delay_ms = delay.as_millis() as u64,
+                    "retrying"
+                );
+            })
+            .await
+    }
+
+    /// One attempt: both parts, then the confirmed event.
+    async fn store_once(&self, message: &AudioMessage) -> Result<Stored, Failure> {
+        let audio = self.store_part(message, Kind::Audio, &message.audio);
+        let thumbnail = async {
+            match &message.thumbnail {
+                Some(source) => self.store_part(message, Kind::Thumbnail, source).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (audio, thumbnail) = tokio::try_join!(audio, thumbnail)?;
+        let written = audio.written || thumbnail.as_ref().is_some_and(|t| t.written);
+        let cleanups = [
+            audio.cleanup.clone(),
+            thumbnail.as_ref().and_then(|t| t.cleanup.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let event = StoredEvent {
+            audio_id: message.audio_id.to_string(),
+            audio: audio.object,
+            thumbnail: thumbnail.map(|t| t.object),
+            source: EventSource {
+                message_id: message.message_id.clone(),
+                audio: message.audio.to_string(),
+                thumbnail: message.thumbnail.as_ref().map(Source::to_string),
+            },
+            metadata: message.metadata.clone(),
+            stored_at: event::format_timestamp(jiff::Timestamp::now()),
+        };
+        self.events
+            .publish(event.to_json(), StoredEvent::attributes(message.audio_id))
+            .await?;
+        Ok(Stored {
+            event,
+            written,
+            cleanups,
+        })
+    }
+
+    /// Stores one file of a message, or recognises it as stored already.
+    async fn store_part(&self, message: &AudioMessage, kind: Kind, source: &Source) -> Result<Part, Failure> {
+        match source {
+            Source::Local(path) => {
+                match source::resolve_local(path, &self.settings.sources.local_roots).await {
+                    Ok(local) => self.store_local(message, kind, source, local).await,
+                    Err(SourceError::Missing(what)) => self.recover(message, kind, source, what).await,
+                    Err(error) => Err(error.into()),
+                }
+            }
+            Source::Gcs { bucket, object } => match self.store.open_staging(bucket, object).await {
+                Ok(staging) => self.store_staging(message, kind, source, staging).await,
+                Err(error) if error.cause.http_status() == Some(404) => {
+                    self.recover(message, kind, source, source.to_string()).await
+                }
+                Err(error) => Err(error.into()),
+            },
+        }
+    }
+
+    async fn store_local(
+        &self,
+        message: &AudioMessage,
+        kind: Kind,
+        source: &Source,
+        local: source::LocalFile,
+    ) -> Result<Part, Failure> {
+        let unreadable = |error: std::io::Error| {
+            Failure::from(SourceError::Unreadable {
+                path: local.path.display().to_string(),
+                error,
+            })
+        };
+        let mut file = tokio::fs::File::open(&local.path).await.map_err(unreadable)?;
+        let mut head = Vec::with_capacity(content::SNIFF_LEN);
+        (&mut file)
+            .take(content::SNIFF_LEN as u64)
+            .read_to_end(&mut head)
+            .await
+            .map_err(unreadable)?;
+        let content_type = checked_content(kind, source, &head, local.size)?;
+        tokio::io::AsyncSeekExt::rewind(&mut file)
+            .await
+            .map_err(unreadable)?;
+        let name = self.object_name(message, kind, source, content_type);
+        let metadata = object_metadata(message, kind, source);
+        let new = NewObject {
+            name: &name,
+            content_type: content_type.mime,
+            metadata: &metadata,
+        };
+        let cleanup = Some(Cleanup::Local(local.path.clone()));
+        if let Some(existing) = self.store.archived(&name).await? {
+            let crc32c = store::crc32c_of(&mut file).await.map_err(|cause| StoreError {
+                operation: "hash",
+                target: local.path.display().to_string(),
+                cause,
+            })?;
+            return self.existing_part(existing, crc32c, content_type, cleanup);
+        }
+        match self.store.upload_file(file, local.size, &new).await? {
+            Written::Created(info) => Ok(created_part(info, content_type, cleanup)),
+            Written::AlreadyExists => {
+                // Lost a race with another delivery of the same message: compare with what it wrote.
+                let existing = self.archived_after_conflict(&name).await?;
+                let mut file = tokio::fs::File::open(&local.path).await.map_err(unreadable)?;
+                let crc32c = store::crc32c_of(&mut file).await.map_err(|cause| StoreError {
+                    operation: "hash",
+                    target: local.path.display().to_string(),
+                    cause,
+                })?;
+                self.existing_part(existing, crc32c, content_type, cleanup)
+            }
+        }
+    }
+
+    async fn store_staging(
+        &self,
+        message: &AudioMessage,
+        kind: Kind,
+        source: &Source,
+        mut staging: StagingObject,
+    ) -> Result<Part, Failure> {
+        let head = staging.peek(content::SNIFF_LEN).await?.to_vec();
+        let content_type = checked_content(kind, source, &head, staging.info.size)?;
+        let name = self.object_name(message, kind, source, content_type);
+        let metadata = object_metadata(message, kind, source);
+        let cleanup = Some(Cleanup::Staging {
+            bucket: staging.info.bucket.clone(),
+            name: staging.info.name.clone(),
+            generation: staging.info.generation,
+        });
+        let source_crc32c = staging.info.crc32c;
+        if let Some(existing) = self.store.archived(&name).await? {
+            return self.existing_part(existing, source_crc32c, content_type, cleanup);
+        }
+        let new = NewObject {
+            name: &name,
+            content_type: content_type.mime,
+            metadata: &metadata,
+        };
+        match self.store.upload_staging(staging, &new).await? {
+            Written::Created(info) => Ok(created_part(info, content_type, cleanup)),
+            Written::AlreadyExists => {
+                let existing = self.archived_after_conflict(&name).await?;
+                self.existing_part(existing, source_crc32c, content_type, cleanup)
+            }
+        }
+    }
+
+    /// The source is gone: stored already by an earlier delivery that crashed after cleanup?
+    async fn recover(
+        &self,
+        message: &AudioMessage,
+        kind: Kind,
+        source: &Source,
+        what: String,
+    ) -> Result<Part, Failure> {
+        let missing = || Failure::new(ErrorKind::SourceMissing, format!("{kind}: {what} does not exist"));
+        let Some(extension) = source.extension() else {
+            return Err(missing());
+        };
+        let content_type = content::from_extension(extension.trim_start_matches('.'));
+        let name = self.settings.storage.layout.render(
+            message.audio_id,
+            kind,
+            &extension,
+            Date::of(message.published),
+        );
+        let Some(existing) = self.store.archived(&name).await? else {
+            return Err(missing());
+        };
+        let ours = existing.metadata.get("audio-id").map(String::as_str)
+            == Some(message.audio_id.to_string().as_str())
+            && existing.metadata.get("kind").map(String::as_str) == Some(kind.as_str());
+        if !ours {
+            return Err(missing());
+        }
+        info!(object = %store::uri(&existing.bucket, &existing.name), %kind, "source gone but object stored: a redelivery after cleanup");
+        let mime = content_type.map(|c| c.mime).unwrap_or("application/octet-stream");
+        Ok(Part {
+            object: stored_object(existing, mime),
+            written: false,
+            cleanup: None,
+        })
+    }
+
+    /// An object of this name exists: the same content counts as stored, other content is a conflict.
+    fn existing_part(
+        &self,
+        existing: ObjectInfo,
+        source_crc32c: u32,
+        content_type: ContentType,
+        cleanup: Option<Cleanup>,
+    ) -> Result<Part, Failure> {
+        if existing.crc32c != source_crc32c {
+            return Err(Failure::new(
+                ErrorKind::IdConflict,
+                format!(
+                    "{} exists with different content (crc32c {} there, {} in the source)",
+                    store::uri(&existing.bucket, &existing.name),
+                    store::crc32c_base64(existing.crc32c),
+                    store::crc32c_base64(source_crc32c)
+                ),
+            ));
+        }
+        Ok(Part {
+            object: stored_object(existing, content_type.mime),
+            written: false,
+            cleanup,
+        })
+    }
+
+    async fn archived_after_conflict(&self, name: &str) -> Result<ObjectInfo, Failure> {
+        self.store.archived(name).await?.ok_or_else(|| {
+            Failure::new(
+                ErrorKind::StorageUnavailable,
+                format!(
+                    "{} reported as existing but not found",
+                    store::uri(self.store.bucket(), name)
+                ),
+            )
+        })
+    }
+
+    fn object_name(
+        &self,
+        message: &AudioMessage,
+        kind: Kind,
+        source: &Source,
+        content_type: ContentType,
+    ) -> String {
+        let extension = source
+            .extension()
+            .unwrap_or_else(|| format!(".{}", content_type.extension));
+        self.settings
+            .storage
+            .layout
+            .render(message.audio_id, kind, &extension, Date::of(message.published))
+    }
+
+    /// Deletes the sources; failures are logged, never fatal (the data is safe in the archive).
+    async fn clean_up(&self, cleanups: &[Cleanup]) {
+        for cleanup in cleanups {
+            let result = match cleanup {
+                Cleanup::Local(path) => match tokio::fs::remove_file(path).await {
+                    Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error.to_string()),
+                    _ => Ok(()),
+                },
+                Cleanup::Staging {
+                    bucket,
+                    name,
+                    generation,
+                } => self
+                    .store
+                    .delete(bucket, name, *generation)
+                    .await
+                    .map_err(|error| error.to_string()),
+            };
+            if let Err(error) = result {
+                warn!(%error, "stored and acked, but the source could not be removed");
+            }
+        }
+    }
+
+    async fn dead_letter(&self, envelope: &Envelope, delivery: Delivery, failure: &Failure) -> Outcome {
+        let kind = failure.kind();
+        let Some(outbox) = &self.dead_letters else {
+            warn!(
+                error = failure.message(),
+                error_kind = kind.as_str(),
+                "permanent failure and no dead-letter topic; nacking"
+            );
+            delivery.nack();
+            return Outcome::Nacked(kind);
+        };
+        let attributes = dead_letter_attributes(envelope, failure);
+        let publish = || outbox.publish(envelope.data.to_vec(), attributes.clone());
+        let published = publish.retry(self.backoff()).sleep(tokio::time::sleep).await;
+        if let Err(error) = published {
+            warn!(%error, error_kind = kind.as_str(), "dead-letter publish failed; nacking");
+            delivery.nack();
+            return Outcome::Nacked(ErrorKind::PubsubUnavailable);
+        }
+        if let Err(error) = delivery.ack().await {
+            warn!(%error, "dead-lettered but the ack was not confirmed; it will come back");
+        }
+        warn!(
+            error = failure.message(),
+            error_kind = kind.as_str(),
+            topic = outbox.topic(),
+            "dead-lettered"
+        );
+        Outcome::DeadLettered(kind)
+    }
+}
+
+/// The original attributes plus `error_kind`, `error`, `original_message_id` and `original_publish_time`.
+///
+/// A message that was already replayed keeps its first `original_message_id`,
+/// so its identity never changes.
+fn dead_letter_attributes(envelope: &Envelope, failure: &Failure) -> Vec<(String, String)> {
+    let mut attributes: BTreeMap<String, String> = envelope
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    attributes.insert("error_kind".into(), failure.kind().as_str().into());
+    attributes.insert("error".into(), failure.message().into());
+    attributes
+        .entry("original_message_id".into())
+        .or_insert_with(|| envelope.message_id.clone());
+    if let Some(published) = envelope.publish_time {
+        attributes
+            .entry("original_publish_time".into())
+            .or_insert_with(|| event::format_timestamp(published));
+    }
+    attributes.into_iter().collect()
+}
+
+/// Sniffs and checks the content of one file against what its kind requires.
+fn checked_content(kind: Kind, source: &Source, head: &[u8], size: u64) -> Result<ContentType, Failure> {
+    if size == 0 {
+        return Err(Failure::new(
+            ErrorKind::BadContent,
+            format!("{kind}: {source} is empty"),
+        ));
+    }
+    let extension = source.extension();
+    let sniffed = content::sniff(head, extension.as_deref().map(|e| e.trim_start_matches('.')));
+    let wanted = match kind {
+        Kind::Audio => MediaClass::Audio,
+        Kind::Thumbnail => MediaClass::Image,
+    };
+    match sniffed {
+        Some(content_type) if content_type.class == wanted => Ok(content_type),
+        Some(content_type) => Err(Failure::new(
+            ErrorKind::BadContent,
+            format!(
+                "{kind}: {source} is {}, not {}",
+                content_type.mime,
+                expected(wanted)
+            ),
+        )),
+        None => Err(Failure::new(
+            ErrorKind::BadContent,
+            format!("{kind}: {source} is not a recognised {} format", expected(wanted)),
+        )),
+    }
+}
+
+fn expected(class: MediaClass) -> &'static str {
+    match class {
+        MediaClass::Audio => "audio",
+        MediaClass::Image => "an image",
+    }
+}
+
+fn object_metadata(message: &AudioMessage, kind: Kind, source: &Source) -> BTreeMap<String, String> {
+    let mut metadata = message.metadata.clone();
+    metadata.insert("audio-id".into(), message.audio_id.to_string());
+    metadata.insert("kind".into(), kind.as_str().into());
+    metadata.insert("source-uri".into(), source.uri());
+    metadata.insert("source-message-id".into(), message.message_id.clone());
+    metadata
+}
+
+fn created_part(info: ObjectInfo, content_type: ContentType, cleanup: Option<Cleanup>) -> Part {
+    Part {
+        object: stored_object(info, content_type.mime),
+        written: true,
+        cleanup,
+    }
+}
+
+fn stored_object(info: ObjectInfo, content_type: &str) -> StoredObject {
+    StoredObject {
+        uri: store::uri(&info.bucket, &info.name),
+        bucket: info.bucket,
+        name: info.name,
+        size: info.size,
+        content_type: content_type.to_string(),
+        crc32c: store::crc32c_base64(info.crc32c),
+        md5: info.md5,
+        generation: info.generation.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_attributes_keep_the_original_and_add_the_error() {
+        let mut envelope = Envelope {
+            message_id: "42".into(),
+            publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
+            ..Envelope::default()
+        };
+        envelope.attributes.insert("idempotency_key".into(), "k".into());
+        let failure = Failure::new(
+            ErrorKind::BadContent,
+            "audio: /x.mp3 is not a recognised audio format",
+        );
+        let attributes: BTreeMap<String, String> =
+            dead_letter_attributes(&envelope, &failure).into_iter().collect();
+        assert_eq!(attributes["idempotency_key"], "k");
+        assert_eq!(attributes["error_kind"], "bad_content");
+        assert_eq!(attributes["original_message_id"], "42");
+        assert_eq!(attributes["original_publish_time"], "1970-01-01T00:00:00.000Z");
+
+        envelope.message_id = "43".into();
+        envelope.attributes = attributes.into_iter().collect();
+        let again: BTreeMap<String, String> =
+            dead_letter_attributes(&envelope, &failure).into_iter().collect();
+        assert_eq!(
+            again["original_message_id"], "42",
+            "a replayed message keeps its first id"
+        );
+    }
+
+    #[test]
+    fn content_must_match_the_kind() {
+        let source = Source::Local("/spool/a.wav".into());
+        let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
+        let failure = checked_content(Kind::Audio, &source, png, 100).expect_err("a png is not audio");
+        assert_eq!(failure.kind(), ErrorKind::BadContent);
+        let failure = checked_content(Kind::Audio, &source, b"", 0).expect_err("empty");
+        assert!(failure.message().contains("empty"), "{failure}");
+        assert!(checked_content(Kind::Thumbnail, &source, png, 100).is_ok());
+    }
+}

@@ -1,0 +1,41 @@
+//! `publish`: sends one "audio processed" message, for operators and demos.
+
+use crate::config::Settings;
+use crate::pubsub::{Outbox, PubsubError};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// The wire form of an "audio processed" message, as upstream stages send it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessedMessage {
+    /// The audio source.
+    pub audio: String,
+    /// The thumbnail source, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thumbnail: Option<String>,
+    /// The producer's idempotency key, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Producer metadata.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Why publishing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The input topic is not configured.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// The publish was not confirmed.
+    #[error("{0}")]
+    Pubsub(#[from] PubsubError),
+}
+
+/// Publishes `message` to the input topic and returns its message id once confirmed.
+pub async fn run(settings: &Settings, message: &ProcessedMessage) -> Result<String, PublishError> {
+    let topic = settings.input_topic()?;
+    let outbox = Outbox::connect(&settings.pubsub, topic).await?;
+    let data = serde_json::to_vec(message).expect("a message of strings always serialises");
+    Ok(outbox.publish(data, std::iter::empty()).await?)
+}
