@@ -95,7 +95,7 @@ impl Pipeline {
             audio_id = tracing::field::Empty,
             delivery_attempt = envelope.delivery_attempt,
         );
-        self.handle_in_span(envelope, delivery).instrument(span).await
+        Box::pin(self.handle_in_span(envelope, delivery)).instrument(span).await
     }
 
     async fn handle_in_span(&self, envelope: Envelope, delivery: Delivery) -> Outcome {
@@ -169,10 +169,11 @@ impl Pipeline {
 
     /// One attempt: both parts, then the confirmed event.
     async fn store_once(&self, message: &AudioMessage) -> Result<Stored, Failure> {
-        let audio = self.store_part(message, Kind::Audio, &message.audio);
+        // Boxed: the SDK futures inside are large, and two of them run side by side.
+        let audio = Box::pin(self.store_part(message, Kind::Audio, &message.audio));
         let thumbnail = async {
             match &message.thumbnail {
-                Some(source) => self.store_part(message, Kind::Thumbnail, source).await.map(Some),
+                Some(source) => Box::pin(self.store_part(message, Kind::Thumbnail, source)).await.map(Some),
                 None => Ok(None),
             }
         };

@@ -281,7 +281,7 @@ impl Store {
         let result = if size < RESUMABLE_THRESHOLD {
             // One request; the server verifies the checksum we send along.
             let crc32c = crc32c_of(&mut file).await.map_err(failed)?;
-            request.with_known_crc32c(crc32c).send_unbuffered().await
+            Box::pin(request.with_known_crc32c(crc32c).send_unbuffered()).await
         } else {
             // One streamed pass; the client hashes while sending and checks the server's result.
             request
@@ -299,10 +299,7 @@ impl Store {
             target: uri(bucket, name),
             cause,
         };
-        let response = self
-            .client
-            .read_object(format!("projects/_/buckets/{bucket}"), name)
-            .send()
+        let response = Box::pin(self.client.read_object(format!("projects/_/buckets/{bucket}"), name).send())
             .await
             .map_err(|e| failed(e.into()))?;
         let highlights = response.object();
@@ -340,15 +337,16 @@ impl Store {
             head: Some(staging.head).filter(|head| !head.is_empty()),
             response: tokio::sync::Mutex::new(staging.response),
         };
-        let result = self
+        let upload = self
             .client
             .write_object(format!("projects/_/buckets/{}", self.bucket), object.name, source)
             .set_if_generation_match(0)
             .set_content_type(object.content_type)
             .set_metadata(object.metadata.clone())
             .with_known_crc32c(crc32c)
-            .send_buffered()
-            .await;
+            .send_buffered();
+        // The SDK's upload futures are large; keep them off the stack.
+        let result = Box::pin(upload).await;
         self.written(result).map_err(|cause| StoreError {
             operation: "copy",
             target: uri(&self.bucket, object.name),
