@@ -34,9 +34,9 @@ pub struct StoredObject {
 pub struct EventSource {
     /// The input message id.
     pub message_id: String,
-    /// The audio source as the message named it.
+    /// The audio source: a local path (a `file://` URI is given as its path) or a `gs://` URI.
     pub audio: String,
-    /// The thumbnail source as the message named it.
+    /// The thumbnail source, in the same form.
     pub thumbnail: Option<String>,
 }
 

@@ -5,20 +5,20 @@
 //! UUID prefix, publishes an "audio stored" event, acks, and removes the
 //! sources. Modules, in reading order:
 //!
-//! - [`config`]: the TOML file and environment overrides, validated into [`config::Settings`].
-//! - [`message`]: the input "audio processed" message, parsed into an [`message::AudioMessage`].
-//! - [`identity`]: the deterministic `audio_id` (UUIDv5).
-//! - [`source`]: local and `gs://` sources, and which of them may be read.
-//! - [`content`]: content-type sniffing from magic bytes.
-//! - [`layout`]: object names from `storage.layout`.
-//! - [`event`]: the output "audio stored" event.
-//! - [`error`]: failure kinds; transient versus permanent is decided there.
-//! - [`store`]: the only module that talks to Cloud Storage.
-//! - [`pubsub`]: the only module that talks to Pub/Sub.
-//! - [`pipeline`]: everything that happens to one message.
-//! - [`worker`]: the loop that pulls, bounds concurrency and shuts down.
-//! - [`setup`] and [`publish`]: the `setup` and `publish` commands.
-//! - [`telemetry`]: logging.
+//! - [`config`] — the TOML file and environment overrides, validated into [`config::Settings`].
+//! - [`message`] — the input "audio processed" message, parsed into an [`message::AudioMessage`].
+//! - [`identity`] — the deterministic `audio_id` (UUIDv5).
+//! - [`source`] — local and `gs://` sources, and which of them may be read.
+//! - [`content`] — content-type sniffing from magic bytes.
+//! - [`layout`] — object names from `storage.layout`.
+//! - [`event`] — the output "audio stored" event.
+//! - [`error`] — failure kinds; transient versus permanent is decided there.
+//! - [`store`] — the only module that talks to Cloud Storage.
+//! - [`pubsub`] — the only module that talks to Pub/Sub.
+//! - [`pipeline`] — everything that happens to one message.
+//! - [`worker`] — the loop that pulls, bounds concurrency and shuts down.
+//! - [`setup`] and [`publish`] — the `setup` and `publish` commands.
+//! - [`telemetry`] — logging.
 
 pub mod config;
 pub mod content;

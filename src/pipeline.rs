@@ -95,7 +95,9 @@ impl Pipeline {
             audio_id = tracing::field::Empty,
             delivery_attempt = envelope.delivery_attempt,
         );
-        Box::pin(self.handle_in_span(envelope, delivery)).instrument(span).await
+        Box::pin(self.handle_in_span(envelope, delivery))
+            .instrument(span)
+            .await
     }
 
     async fn handle_in_span(&self, envelope: Envelope, delivery: Delivery) -> Outcome {
@@ -173,7 +175,9 @@ impl Pipeline {
         let audio = Box::pin(self.store_part(message, Kind::Audio, &message.audio));
         let thumbnail = async {
             match &message.thumbnail {
-                Some(source) => Box::pin(self.store_part(message, Kind::Thumbnail, source)).await.map(Some),
+                Some(source) => Box::pin(self.store_part(message, Kind::Thumbnail, source))
+                    .await
+                    .map(Some),
                 None => Ok(None),
             }
         };
@@ -218,12 +222,9 @@ impl Pipeline {
                     Err(error) => Err(error.into()),
                 }
             }
-            Source::Gcs { bucket, object } => match self.store.open_staging(bucket, object).await {
-                Ok(staging) => self.store_staging(message, kind, source, staging).await,
-                Err(error) if error.cause.http_status() == Some(404) => {
-                    self.recover(message, kind, source, source.to_string()).await
-                }
-                Err(error) => Err(error.into()),
+            Source::Gcs { bucket, object } => match self.store.open_staging(bucket, object).await? {
+                Some(staging) => self.store_staging(message, kind, source, staging).await,
+                None => self.recover(message, kind, source, source.to_string()).await,
             },
         }
     }

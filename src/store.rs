@@ -292,35 +292,35 @@ impl Store {
         self.written(result).map_err(failed)
     }
 
-    /// Opens a staging object for reading.
-    pub async fn open_staging(&self, bucket: &str, name: &str) -> Result<StagingObject, StoreError> {
-        let failed = |cause: StoreCause| StoreError {
-            operation: "read",
-            target: uri(bucket, name),
-            cause,
+    /// Opens a staging object for reading; `None` if it does not exist.
+    ///
+    /// Its properties come from the JSON API (the read response's headers
+    /// are not reliable on every server) and the read is pinned to that
+    /// generation, so what is copied is exactly what was described.
+    pub async fn open_staging(&self, bucket: &str, name: &str) -> Result<Option<StagingObject>, StoreError> {
+        let Some(info) = self.object(bucket, name).await? else {
+            return Ok(None);
         };
-        let response = Box::pin(self.client.read_object(format!("projects/_/buckets/{bucket}"), name).send())
-            .await
-            .map_err(|e| failed(e.into()))?;
-        let highlights = response.object();
-        let info = ObjectInfo {
-            bucket: bucket.to_string(),
-            name: name.to_string(),
-            size: u64::try_from(highlights.size).unwrap_or_default(),
-            crc32c: highlights
-                .checksums
-                .as_ref()
-                .and_then(|c| c.crc32c)
-                .ok_or_else(|| failed(StoreCause::Malformed("the staging object has no crc32c".into())))?,
-            md5: None,
-            generation: highlights.generation,
-            metadata: HashMap::new(),
-        };
-        Ok(StagingObject {
-            info,
-            head: Bytes::new(),
-            response,
-        })
+        let response = Box::pin(
+            self.client
+                .read_object(format!("projects/_/buckets/{bucket}"), name)
+                .set_generation(info.generation)
+                .send(),
+        )
+        .await;
+        match response {
+            Ok(response) => Ok(Some(StagingObject {
+                info,
+                head: Bytes::new(),
+                response,
+            })),
+            Err(error) if error.http_status_code() == Some(404) => Ok(None),
+            Err(error) => Err(StoreError {
+                operation: "read",
+                target: uri(bucket, name),
+                cause: error.into(),
+            }),
+        }
     }
 
     /// Copies a staging object (as it streams) into the archive as `object`, unless one exists.

@@ -1,3 +1,8 @@
-//! Integration tests against the real Pub/Sub emulator and fake-gcs-server.
+//! Integration tests against the real Pub/Sub emulator and fake-gcs-server,
+//! which the harness starts once for this test binary on loopback.
 
+mod binary;
+#[allow(dead_code)] // A toolkit: later tests (faults, restarts) use the rest.
 mod harness;
+mod support;
+mod worker;

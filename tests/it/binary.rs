@@ -1,0 +1,219 @@
+//! The `audio-store` binary as a process: exit codes, commands, signals.
+
+use crate::harness::{PROJECT, TestEnv, sample_png, sample_wav};
+use crate::support::{audio_id_for, environment, event_json};
+use anyhow::{Context as _, ensure};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
+
+/// Runs the binary to completion with exactly `environment` (plus PATH).
+async fn run(environment: &audio_store::config::Environment, args: &[&str]) -> anyhow::Result<Output> {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(BINARY)
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(environment)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("the command did not finish in 60 s")??;
+    Ok(output)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn check_config_exits_2_with_one_line_naming_the_bad_key() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    let cases = [
+        (
+            "AUDIO_STORE__WORKER__CONCURRENCY",
+            "zero",
+            "AUDIO_STORE__WORKER__CONCURRENCY",
+        ),
+        ("AUDIO_STORE__WORKER__CONCURRENCY", "0", "worker.concurrency"),
+        (
+            "AUDIO_STORE__STORAGE__LAYOUT",
+            "flat/{kind}{ext}",
+            "storage.layout",
+        ),
+        ("AUDIO_STORE__STORAGE__BUCKET", "", "storage.bucket"),
+        ("AUDIO_STORE__RETRY__MAX_BACKOFF", "forever", "retry.max_backoff"),
+        ("AUDIO_STORE__SURPRISE__KEY", "1", "AUDIO_STORE__SURPRISE__KEY"),
+    ];
+    for (variable, value, key) in cases {
+        let mut environment = environment(&env, &[]);
+        environment.insert(variable.into(), value.into());
+        for command in ["check-config", "run"] {
+            let output = run(&environment, &[command]).await?;
+            let stderr = text(&output.stderr);
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{variable}={value} {command}: {stderr}"
+            );
+            assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+            ensure!(
+                stderr.contains(key),
+                "{variable}={value}: {stderr:?} should name {key}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn check_config_prints_the_effective_values_from_file_and_environment() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    let file = env.spool.path().join("config.toml");
+    std::fs::write(
+        &file,
+        "[storage]\nbucket = \"from-the-file\"\n[worker]\nconcurrency = 3\n",
+    )?;
+    let mut environment = environment(&env, &[]);
+    environment.remove("AUDIO_STORE__STORAGE__BUCKET");
+    environment.remove("AUDIO_STORE__WORKER__CONCURRENCY");
+    environment.insert("AUDIO_STORE_CONFIG".into(), file.display().to_string());
+    environment.insert("AUDIO_STORE__WORKER__SHUTDOWN_GRACE".into(), "7s".into());
+    let output = run(&environment, &["check-config"]).await?;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let effective: toml::Table = text(&output.stdout).parse()?;
+    assert_eq!(effective["storage"]["bucket"].as_str(), Some("from-the-file"));
+    assert_eq!(effective["worker"]["concurrency"].as_integer(), Some(3));
+    assert_eq!(effective["worker"]["shutdown_grace"].as_str(), Some("7s"));
+    assert_eq!(
+        effective["pubsub"]["subscription"].as_str(),
+        Some(format!("projects/{PROJECT}/subscriptions/{}", env.subscription).as_str())
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn setup_creates_topics_subscriptions_and_bucket_and_is_idempotent() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    let environment = environment(&env, &[("AUDIO_STORE__PUBSUB__MAX_DELIVERY_ATTEMPTS", "7")]);
+    let first = run(&environment, &["setup"]).await?;
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    let first_out = text(&first.stdout);
+    assert_eq!(
+        first_out.lines().filter(|l| l.starts_with("created")).count(),
+        6,
+        "{first_out}"
+    );
+
+    let input = env.pubsub.get_subscription(&env.subscription).await?;
+    assert_eq!(input["topic"], format!("projects/{PROJECT}/topics/{}", env.topic));
+    assert_eq!(input["ackDeadlineSeconds"], 10);
+    assert_eq!(
+        input["deadLetterPolicy"]["deadLetterTopic"],
+        format!("projects/{PROJECT}/topics/{}", env.dead_letter_topic)
+    );
+    assert_eq!(input["deadLetterPolicy"]["maxDeliveryAttempts"], 7);
+    assert_eq!(input["retryPolicy"]["minimumBackoff"], "1s");
+    assert_eq!(input["retryPolicy"]["maximumBackoff"], "5s");
+    let dead_letters = env.pubsub.get_subscription(&env.dead_letter_subscription).await?;
+    assert_eq!(
+        dead_letters["topic"],
+        format!("projects/{PROJECT}/topics/{}", env.dead_letter_topic)
+    );
+    env.gcs.list(&env.bucket, "").await.context("the bucket exists")?;
+
+    let second = run(&environment, &["setup"]).await?;
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    let second_out = text(&second.stdout);
+    assert_eq!(
+        second_out.lines().filter(|l| l.starts_with("exists")).count(),
+        6,
+        "{second_out}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_run_as_processes_store_a_message_and_sigterm_exits_0() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    let environment = environment(&env, &[]);
+    let setup = run(&environment, &["setup"]).await?;
+    assert_eq!(setup.status.code(), Some(0), "{}", text(&setup.stderr));
+    env.pubsub
+        .create_subscription(&env.stored_subscription, &env.stored_topic, Default::default())
+        .await?;
+
+    let audio = env.spool_file("process.wav", &sample_wav(4_000));
+    let cover = env.spool_file("process.png", &sample_png());
+    let audio_arg = audio.display().to_string();
+    let cover_arg = format!("file://{}", cover.display());
+    let args = [
+        "publish",
+        "--audio",
+        &audio_arg,
+        "--thumbnail",
+        &cover_arg,
+        "--id",
+        "proc-1",
+        "--meta",
+        "title=Night Drive",
+        "--meta",
+        "user_id=u123",
+    ];
+    let published = run(&environment, &args).await?;
+    assert_eq!(published.status.code(), Some(0), "{}", text(&published.stderr));
+    let message_id = text(&published.stdout).trim().to_string();
+    ensure!(!message_id.is_empty(), "publish prints the message id");
+
+    let mut worker = tokio::process::Command::new(BINARY)
+        .arg("run")
+        .env_clear()
+        .envs(&environment)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, Duration::from_secs(60))
+        .await?;
+
+    let pid = worker.id().context("the worker is running")?;
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    ensure!(kill.success(), "kill -TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .context("the worker did not exit within 30 s of SIGTERM")??;
+    let mut log = String::new();
+    if let Some(mut stderr) = worker.stderr.take() {
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut log).await?;
+    }
+    assert_eq!(status.code(), Some(0), "{log}");
+    ensure!(events.len() == 1, "one event; worker log:\n{log}");
+
+    let event = event_json(&events[0])?;
+    assert_eq!(event["audio_id"], audio_id_for("proc-1"));
+    assert_eq!(event["source"]["message_id"], message_id);
+    assert_eq!(
+        event["source"]["thumbnail"],
+        cover_arg.trim_start_matches("file://")
+    );
+    assert_eq!(event["metadata"]["title"], "Night Drive");
+    assert_eq!(env.gcs.list(&env.bucket, "").await?.len(), 2);
+    ensure!(!audio.exists() && !cover.exists(), "sources removed");
+    // Logs are JSON lines with the message's span.
+    let stored_line = log
+        .lines()
+        .find(|line| line.contains("\"stored\""))
+        .context("a 'stored' log line")?;
+    let stored: serde_json::Value = serde_json::from_str(stored_line)?;
+    assert_eq!(stored["span"]["message_id"], message_id);
+    assert_eq!(stored["span"]["audio_id"], audio_id_for("proc-1"));
+    Ok(())
+}

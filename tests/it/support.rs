@@ -1,0 +1,111 @@
+//! Driving audio-store from the tests: settings for a [`TestEnv`], a worker
+//! running in-process, and the expectations shared by several tests.
+
+use crate::harness::{PROJECT, Received, TestEnv};
+use anyhow::Context as _;
+use audio_store::config::{Environment, Settings};
+use audio_store::identity::{AudioId, IdentityKey};
+use audio_store::worker::{self, Summary, WorkerError};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The environment a deployment for `env` would have: every key as `AUDIO_STORE__…`.
+pub fn environment(env: &TestEnv, overrides: &[(&str, &str)]) -> Environment {
+    let spool = env.spool.path().display().to_string();
+    let pubsub_host = env.pubsub_endpoint.trim_start_matches("http://").to_string();
+    let mut environment: Environment = [
+        ("AUDIO_STORE__PUBSUB__PROJECT", PROJECT),
+        ("AUDIO_STORE__PUBSUB__TOPIC", &env.topic),
+        ("AUDIO_STORE__PUBSUB__SUBSCRIPTION", &env.subscription),
+        ("AUDIO_STORE__PUBSUB__STORED_TOPIC", &env.stored_topic),
+        ("AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC", &env.dead_letter_topic),
+        (
+            "AUDIO_STORE__PUBSUB__DEAD_LETTER_SUBSCRIPTION",
+            &env.dead_letter_subscription,
+        ),
+        ("AUDIO_STORE__PUBSUB__ACK_DEADLINE", "10s"),
+        ("AUDIO_STORE__PUBSUB__REDELIVERY_MIN_BACKOFF", "1s"),
+        ("AUDIO_STORE__PUBSUB__REDELIVERY_MAX_BACKOFF", "5s"),
+        ("AUDIO_STORE__STORAGE__BUCKET", &env.bucket),
+        ("AUDIO_STORE__STORAGE__STAGING_BUCKETS", &env.staging_bucket),
+        ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", &spool),
+        ("AUDIO_STORE__WORKER__CONCURRENCY", "4"),
+        ("AUDIO_STORE__WORKER__SHUTDOWN_GRACE", "10s"),
+        ("AUDIO_STORE__RETRY__MAX_ATTEMPTS", "3"),
+        ("AUDIO_STORE__RETRY__INITIAL_BACKOFF", "50ms"),
+        ("AUDIO_STORE__RETRY__MAX_BACKOFF", "500ms"),
+        ("AUDIO_STORE__HTTP__LISTEN", "127.0.0.1:0"),
+        ("AUDIO_STORE__LOG__LEVEL", "info"),
+        ("PUBSUB_EMULATOR_HOST", &pubsub_host),
+        ("STORAGE_EMULATOR_HOST", &env.gcs_endpoint),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_string(), value.to_string()))
+    .collect();
+    for (key, value) in overrides {
+        environment.insert(key.to_string(), value.to_string());
+    }
+    environment
+}
+
+/// Validated settings for `env`.
+pub fn settings(env: &TestEnv, overrides: &[(&str, &str)]) -> anyhow::Result<Settings> {
+    Settings::load(None, &environment(env, overrides)).context("test settings")
+}
+
+/// A worker running in this process until [`Worker::stop`].
+pub struct Worker {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<Summary, WorkerError>>,
+}
+
+impl Worker {
+    /// Starts `worker::run` with a shutdown the test controls.
+    pub fn start(settings: Settings) -> Worker {
+        init_logs();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(worker::run(Arc::new(settings), async move {
+            let _ = stopped.await;
+        }));
+        Worker { stop, task }
+    }
+
+    /// Signals shutdown and returns the worker's summary.
+    pub async fn stop(self) -> anyhow::Result<Summary> {
+        let _ = self.stop.send(());
+        Ok(self.task.await.context("the worker task panicked")??)
+    }
+}
+
+/// The `audio_id` a message with producer key `id` must get.
+pub fn audio_id_for(id: &str) -> String {
+    AudioId::from_key(IdentityKey::Producer(id)).to_string()
+}
+
+/// The JSON data of an event, with its attributes checked.
+pub fn event_json(event: &Received) -> anyhow::Result<serde_json::Value> {
+    let json = event.json()?;
+    anyhow::ensure!(
+        event.attribute("event_type") == Some("audio.stored"),
+        "event_type attribute: {event:?}"
+    );
+    anyhow::ensure!(
+        event.attribute("audio_id") == json["audio_id"].as_str(),
+        "audio_id attribute {:?} differs from the data's {}",
+        event.attribute("audio_id"),
+        json["audio_id"]
+    );
+    Ok(json)
+}
+
+/// Sends the library's logs to the test's captured output (shown when a test fails).
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("audio_store=info")),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,523 @@
+//! The worker end to end, driven in-process against the real emulators.
+
+use crate::harness::{TestEnv, crc32c_base64, sample_png, sample_wav, wait_for};
+use crate::support::{Worker, audio_id_for, event_json, settings};
+use anyhow::{Context as _, ensure};
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to watch for an unwanted second event or redelivery.
+const QUIET_WINDOW: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_is_stored_with_its_metadata_the_event_is_published_and_the_sources_are_removed()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let audio_bytes = sample_wav(8_000);
+    let cover_bytes = sample_png();
+    let audio = env.spool_file("night-drive.wav", &audio_bytes);
+    let cover = env.spool_file("cover.png", &cover_bytes);
+    let message_id = env
+        .pubsub
+        .publish_json(
+            &env.topic,
+            &json!({
+                "audio": audio, "thumbnail": cover, "id": "track-7f3c",
+                "metadata": {"user_id": "u123", "title": "Night Drive"}, "ignored": [1, 2]
+            }),
+            &[],
+        )
+        .await?;
+
+    let worker = Worker::start(settings(&env, &[])?);
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, EVENT_TIMEOUT)
+        .await?;
+    ensure!(events.len() == 1, "expected one event, got {}", events.len());
+    let event = event_json(&events[0])?;
+
+    // The input was acked: once the worker has flushed its acks and stopped, releasing
+    // every lease on the subscription makes nothing deliverable again.
+    let summary = worker.stop().await?;
+    env.pubsub.release_leases(&env.subscription).await?;
+    let unacked = env.pubsub.drain_for(&env.subscription, QUIET_WINDOW).await?;
+    ensure!(unacked.is_empty(), "the input was not acked: {unacked:?}");
+    ensure!(
+        summary.stored == 1 && summary.already_stored == 0 && summary.nacked == 0,
+        "{summary:?}"
+    );
+
+    let audio_id = audio_id_for("track-7f3c");
+    assert_eq!(event["audio_id"], audio_id);
+    let audio_name = format!("audio/{audio_id}/audio.wav");
+    let cover_name = format!("audio/{audio_id}/thumbnail.png");
+    let objects = env.gcs.list(&env.bucket, "").await?;
+    let names: BTreeSet<&str> = objects.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, BTreeSet::from([audio_name.as_str(), cover_name.as_str()]));
+
+    for (field, name, bytes, content_type, source) in [
+        ("audio", &audio_name, &audio_bytes, "audio/wav", &audio),
+        ("thumbnail", &cover_name, &cover_bytes, "image/png", &cover),
+    ] {
+        let stored = env
+            .gcs
+            .object(&env.bucket, name)
+            .await?
+            .context("object exists")?;
+        assert_eq!(
+            &env.gcs.download(&env.bucket, name).await?,
+            bytes,
+            "{name} holds the source bytes"
+        );
+        let expected_metadata = BTreeMap::from([
+            ("audio-id".to_string(), audio_id.clone()),
+            ("kind".to_string(), field.to_string()),
+            ("source-uri".to_string(), format!("file://{}", source.display())),
+            ("source-message-id".to_string(), message_id.clone()),
+            ("user_id".to_string(), "u123".to_string()),
+            ("title".to_string(), "Night Drive".to_string()),
+        ]);
+        assert_eq!(stored.metadata, expected_metadata, "{name} metadata");
+
+        let described = &event[field];
+        assert_eq!(described["uri"], format!("gs://{}/{name}", env.bucket));
+        assert_eq!(described["bucket"], env.bucket);
+        assert_eq!(described["name"], name.as_str());
+        assert_eq!(described["size"], bytes.len());
+        assert_eq!(described["content_type"], content_type, "the sniffed type");
+        assert_eq!(described["crc32c"], crc32c_base64(bytes));
+        assert_eq!(described["crc32c"], stored.crc32c);
+        assert_eq!(described["generation"], stored.generation);
+        if let Some(md5) = &stored.md5 {
+            assert_eq!(described["md5"], md5.as_str());
+        }
+        ensure!(!source.exists(), "{} was not removed", source.display());
+    }
+    assert_eq!(
+        event["source"],
+        json!({"message_id": message_id, "audio": audio, "thumbnail": cover})
+    );
+    assert_eq!(
+        event["metadata"],
+        json!({"user_id": "u123", "title": "Night Drive"})
+    );
+    let stored_at = event["stored_at"].as_str().context("stored_at")?;
+    ensure!(
+        stored_at.ends_with('Z') && stored_at.len() == 24,
+        "stored_at {stored_at}"
+    );
+    stored_at.parse::<jiff::Timestamp>()?;
+    let keys: BTreeSet<&str> = event
+        .as_object()
+        .context("object")?
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from([
+            "audio_id",
+            "audio",
+            "thumbnail",
+            "source",
+            "metadata",
+            "stored_at"
+        ])
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_without_thumbnail_gives_a_null_thumbnail_and_one_object() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let audio = env.spool_file("solo.wav", &sample_wav(4_000));
+    let message_id = env
+        .pubsub
+        .publish_json(&env.topic, &json!({"audio": audio}), &[])
+        .await?;
+
+    let worker = Worker::start(settings(&env, &[])?);
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, EVENT_TIMEOUT)
+        .await?;
+    worker.stop().await?;
+    ensure!(events.len() == 1, "expected one event, got {}", events.len());
+    let event = event_json(&events[0])?;
+
+    assert_eq!(event["thumbnail"], serde_json::Value::Null);
+    assert_eq!(event["source"]["thumbnail"], serde_json::Value::Null);
+    assert_eq!(event["metadata"], json!({}));
+    // Without an `id`, the Pub/Sub message id is the identity.
+    let audio_id =
+        audio_store::identity::AudioId::from_key(audio_store::identity::IdentityKey::MessageId(&message_id));
+    assert_eq!(event["audio_id"], audio_id.to_string());
+    let objects = env.gcs.list(&env.bucket, "").await?;
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert_eq!(objects[0].name, format!("audio/{audio_id}/audio.wav"));
+    ensure!(!audio.exists(), "the source was not removed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staging_source_is_copied_into_the_archive_and_removed_from_staging() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let audio_bytes = sample_wav(6_000);
+    let cover_bytes = sample_png();
+    env.gcs
+        .upload(&env.staging_bucket, "7f3c/take.WAV", &audio_bytes)
+        .await?;
+    env.gcs
+        .upload(&env.staging_bucket, "7f3c/cover", &cover_bytes)
+        .await?;
+    let audio = format!("gs://{}/7f3c/take.WAV", env.staging_bucket);
+    let cover = format!("gs://{}/7f3c/cover", env.staging_bucket);
+    env.pubsub
+        .publish_json(
+            &env.topic,
+            &json!({"audio": audio, "thumbnail": cover, "id": "staged-1"}),
+            &[],
+        )
+        .await?;
+
+    let worker = Worker::start(settings(&env, &[])?);
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, EVENT_TIMEOUT)
+        .await?;
+    worker.stop().await?;
+    ensure!(events.len() == 1, "expected one event, got {}", events.len());
+    let event = event_json(&events[0])?;
+
+    let audio_id = audio_id_for("staged-1");
+    // The extension is the source's, lowercased; without one it comes from the sniffed type.
+    let audio_name = format!("audio/{audio_id}/audio.wav");
+    let cover_name = format!("audio/{audio_id}/thumbnail.png");
+    assert_eq!(env.gcs.download(&env.bucket, &audio_name).await?, audio_bytes);
+    assert_eq!(env.gcs.download(&env.bucket, &cover_name).await?, cover_bytes);
+    assert_eq!(event["audio"]["name"], audio_name);
+    assert_eq!(event["thumbnail"]["content_type"], "image/png");
+    let stored = env
+        .gcs
+        .object(&env.bucket, &audio_name)
+        .await?
+        .context("stored")?;
+    assert_eq!(stored.metadata.get("source-uri"), Some(&audio));
+    let staging_left = env.gcs.list(&env.staging_bucket, "").await?;
+    ensure!(
+        staging_left.is_empty(),
+        "staging objects were not removed: {staging_left:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_id_published_twice_yields_one_audio_id_and_one_object_set() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let audio_bytes = sample_wav(5_000);
+    let audio = env.spool_file("twice.wav", &audio_bytes);
+    let cover = env.spool_file("twice.png", &sample_png());
+    let data = json!({"audio": audio, "thumbnail": cover, "id": "same-id"});
+    // Both are waiting when the worker starts, so they are processed concurrently.
+    let first = env.pubsub.publish_json(&env.topic, &data, &[]).await?;
+    let second = env.pubsub.publish_json(&env.topic, &data, &[]).await?;
+    ensure!(first != second, "two distinct Pub/Sub messages");
+
+    let worker = Worker::start(settings(&env, &[])?);
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, 2, EVENT_TIMEOUT)
+        .await?;
+    let extra = env
+        .pubsub
+        .drain_for(&env.stored_subscription, QUIET_WINDOW)
+        .await?;
+    let summary = worker.stop().await?;
+    ensure!(
+        events.len() == 2 && extra.is_empty(),
+        "{} events, then {} more",
+        events.len(),
+        extra.len()
+    );
+
+    let audio_ids: BTreeSet<String> = events
+        .iter()
+        .map(|e| {
+            Ok(event_json(e)?["audio_id"]
+                .as_str()
+                .context("audio_id")?
+                .to_string())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(audio_ids, BTreeSet::from([audio_id_for("same-id")]));
+    let generations: BTreeSet<String> = events
+        .iter()
+        .map(|e| {
+            Ok(event_json(e)?["audio"]["generation"]
+                .as_str()
+                .context("generation")?
+                .to_string())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(
+        generations.len(),
+        1,
+        "both events describe the same object generation"
+    );
+    let objects = env.gcs.list(&env.bucket, "").await?;
+    assert_eq!(objects.len(), 2, "one object set: {objects:?}");
+    let thumbnails: BTreeSet<String> = events
+        .iter()
+        .map(|e| {
+            Ok(event_json(e)?["thumbnail"]["generation"]
+                .as_str()
+                .context("generation")?
+                .to_string())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(
+        thumbnails.len(),
+        1,
+        "both events describe the same thumbnail generation"
+    );
+    // Each delivery may have won the race for one of the two objects; neither wrote a second copy.
+    assert_eq!(summary.stored + summary.already_stored, 2, "{summary:?}");
+    ensure!(!audio.exists() && !cover.exists(), "sources removed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_with_the_sources_still_present_does_not_store_a_second_copy() -> anyhow::Result<()> {
+    // A crash after upload and before the ack: the message comes again, its files are still there.
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let audio_bytes = sample_wav(5_000);
+    let audio = env.spool_file("again.wav", &audio_bytes);
+    let data = json!({"audio": audio});
+    let worker = Worker::start(settings(&env, &[])?);
+    env.pubsub
+        .publish_json(&env.topic, &data, &[("idempotency_key", "key-42")])
+        .await?;
+    let first = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, EVENT_TIMEOUT)
+        .await?;
+    ensure!(first.len() == 1, "first event");
+    let first = event_json(&first[0])?;
+
+    env.spool_file("again.wav", &audio_bytes);
+    env.pubsub
+        .publish_json(&env.topic, &data, &[("idempotency_key", "key-42")])
+        .await?;
+    let second = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, EVENT_TIMEOUT)
+        .await?;
+    let summary = worker.stop().await?;
+    ensure!(second.len() == 1, "second event");
+    let second = event_json(&second[0])?;
+
+    assert_eq!(first["audio_id"], audio_id_for("key-42"));
+    assert_eq!(second["audio_id"], first["audio_id"]);
+    assert_eq!(
+        second["audio"]["generation"], first["audio"]["generation"],
+        "not rewritten"
+    );
+    assert_eq!(env.gcs.list(&env.bucket, "").await?.len(), 1);
+    assert_eq!((summary.stored, summary.already_stored), (1, 1), "{summary:?}");
+    ensure!(!audio.exists(), "the redelivered message's source is removed too");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_after_cleanup_is_recognised_as_stored_and_its_event_published_again()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let audio = env.spool_file("gone.wav", &sample_wav(3_000));
+    let cover = env.spool_file("gone.png", &sample_png());
+    let data = json!({"audio": audio, "thumbnail": cover, "id": "after-cleanup"});
+    let worker = Worker::start(settings(&env, &[])?);
+    env.pubsub.publish_json(&env.topic, &data, &[]).await?;
+    let first = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, EVENT_TIMEOUT)
+        .await?;
+    ensure!(first.len() == 1 && !audio.exists(), "stored and cleaned up");
+
+    // The same message again, its sources gone: not a dead letter, the same event again.
+    env.pubsub.publish_json(&env.topic, &data, &[]).await?;
+    let second = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, EVENT_TIMEOUT)
+        .await?;
+    let dead = env
+        .pubsub
+        .drain_for(&env.dead_letter_subscription, Duration::from_millis(500))
+        .await?;
+    let summary = worker.stop().await?;
+    ensure!(second.len() == 1, "second event");
+    ensure!(dead.is_empty(), "dead-lettered: {dead:?}");
+    let (first, second) = (event_json(&first[0])?, event_json(&second[0])?);
+    assert_eq!(second["audio_id"], first["audio_id"]);
+    assert_eq!(second["audio"], first["audio"]);
+    assert_eq!(
+        second["thumbnail"]["generation"],
+        first["thumbnail"]["generation"]
+    );
+    assert_eq!((summary.stored, summary.already_stored), (1, 1), "{summary:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_the_objects_were_written_does_not_write_them_again() -> anyhow::Result<()> {
+    // The stored topic is missing at first: the upload succeeds, the event publish fails,
+    // and the retry finds the objects already there.
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let missing_topic = format!("{}-late", env.stored_topic);
+    let audio = env.spool_file("late.wav", &sample_wav(3_000));
+    env.pubsub
+        .publish_json(&env.topic, &json!({"audio": audio, "id": "late-event"}), &[])
+        .await?;
+    let worker = Worker::start(settings(
+        &env,
+        &[
+            ("AUDIO_STORE__PUBSUB__STORED_TOPIC", &missing_topic),
+            ("AUDIO_STORE__RETRY__MAX_ATTEMPTS", "20"),
+            ("AUDIO_STORE__RETRY__INITIAL_BACKOFF", "200ms"),
+            ("AUDIO_STORE__RETRY__MAX_BACKOFF", "1s"),
+        ],
+    )?);
+    let audio_name = format!("audio/{}/audio.wav", audio_id_for("late-event"));
+    let written = wait_for("the audio object", EVENT_TIMEOUT, || async {
+        env.gcs.object(&env.bucket, &audio_name).await
+    })
+    .await?;
+    ensure!(
+        audio.exists(),
+        "no source is deleted before its event is confirmed"
+    );
+
+    env.pubsub.create_topic(&missing_topic).await?;
+    let watch = format!("{}-watch", missing_topic);
+    env.pubsub
+        .create_subscription(&watch, &missing_topic, Default::default())
+        .await?;
+    let events = env.pubsub.collect(&watch, 1, EVENT_TIMEOUT).await?;
+    let summary = worker.stop().await?;
+    ensure!(events.len() == 1, "one event");
+    let event = event_json(&events[0])?;
+    assert_eq!(
+        event["audio"]["generation"], written.generation,
+        "the object was not rewritten"
+    );
+    assert_eq!(env.gcs.list(&env.bucket, "").await?.len(), 1);
+    assert_eq!(summary.already_stored, 1, "{summary:?}");
+    ensure!(!audio.exists(), "removed after the event");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_is_dead_lettered_and_the_worker_keeps_going() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let worker = Worker::start(settings(&env, &[])?);
+    let bad = env
+        .pubsub
+        .publish(&env.topic, b"{not json", &[("trace", "t-1")])
+        .await?;
+    let audio = env.spool_file("after.wav", &sample_wav(2_000));
+    env.pubsub
+        .publish_json(&env.topic, &json!({"audio": audio}), &[])
+        .await?;
+
+    let dead = env
+        .pubsub
+        .collect(&env.dead_letter_subscription, 1, EVENT_TIMEOUT)
+        .await?;
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, EVENT_TIMEOUT)
+        .await?;
+    let summary = worker.stop().await?;
+    ensure!(
+        dead.len() == 1 && events.len() == 1,
+        "{} dead letters, {} events",
+        dead.len(),
+        events.len()
+    );
+    assert_eq!(dead[0].data, b"{not json");
+    assert_eq!(dead[0].attribute("error_kind"), Some("invalid_json"));
+    assert_eq!(dead[0].attribute("original_message_id"), Some(bad.as_str()));
+    assert_eq!(
+        dead[0].attribute("trace"),
+        Some("t-1"),
+        "original attributes are kept"
+    );
+    ensure!(
+        dead[0].attribute("error").is_some_and(|e| !e.contains('\n')),
+        "one-line error"
+    );
+    assert_eq!((summary.stored, summary.dead_lettered), (1, 1), "{summary:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_messages_processed_concurrently_are_all_stored_exactly_once() -> anyhow::Result<()> {
+    const MESSAGES: usize = 200;
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let mut expected = BTreeMap::new();
+    let mut sources = Vec::new();
+    for index in 0..MESSAGES {
+        let id = format!("bulk-{index}");
+        let audio = env.spool_file(&format!("bulk-{index}.wav"), &sample_wav(500 + index));
+        let mut data = json!({"audio": audio, "id": id});
+        if index % 4 == 0 {
+            data["thumbnail"] = json!(env.spool_file(&format!("bulk-{index}.png"), &sample_png()));
+        }
+        sources.push(audio);
+        expected.insert(audio_id_for(&id), index % 4 == 0);
+        env.pubsub.publish_json(&env.topic, &data, &[]).await?;
+    }
+
+    let worker = Worker::start(settings(&env, &[("AUDIO_STORE__WORKER__CONCURRENCY", "8")])?);
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, MESSAGES, Duration::from_secs(180))
+        .await?;
+    let extra = env
+        .pubsub
+        .drain_for(&env.stored_subscription, QUIET_WINDOW)
+        .await?;
+    let summary = worker.stop().await?;
+    ensure!(events.len() == MESSAGES, "{} of {MESSAGES} events", events.len());
+    ensure!(extra.is_empty(), "{} extra events", extra.len());
+
+    let mut seen = BTreeMap::new();
+    for event in &events {
+        let json = event_json(event)?;
+        let audio_id = json["audio_id"].as_str().context("audio_id")?.to_string();
+        ensure!(
+            seen.insert(audio_id, !json["thumbnail"].is_null()).is_none(),
+            "duplicate event"
+        );
+    }
+    assert_eq!(
+        seen, expected,
+        "every message once, with its thumbnail where it had one"
+    );
+    let objects = env.gcs.list(&env.bucket, "").await?;
+    assert_eq!(objects.len(), MESSAGES + MESSAGES / 4);
+    assert_eq!(summary.stored as usize, MESSAGES, "{summary:?}");
+    ensure!(sources.iter().all(|s| !s.exists()), "all sources removed");
+    Ok(())
+}
