@@ -1,6 +1,8 @@
 //! The worker end to end, driven in-process against the real emulators.
 
-use crate::harness::{TestEnv, crc32c_base64, sample_png, sample_wav, wait_for};
+use crate::harness::{
+    TestEnv, crc32c_base64, crc32c_file, sample_png, sample_wav, wait_for, write_large_wav,
+};
 use crate::support::{Worker, audio_id_for, event_json, settings};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
@@ -519,5 +521,65 @@ async fn many_messages_processed_concurrently_are_all_stored_exactly_once() -> a
     assert_eq!(objects.len(), MESSAGES + MESSAGES / 4);
     assert_eq!(summary.stored as usize, MESSAGES, "{summary:?}");
     ensure!(sources.iter().all(|s| !s.exists()), "all sources removed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_files_are_streamed_through_resumable_uploads_intact() -> anyhow::Result<()> {
+    // Both above the single-shot threshold: a local file (one streamed, hashed-as-sent upload)
+    // and a staging object (copied as it streams, with the source's CRC32C sent along).
+    const LOCAL_LEN: u64 = 24 * 1024 * 1024;
+    const STAGED_LEN: u64 = 20 * 1024 * 1024;
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let local = env.spool_path("big.wav");
+    write_large_wav(&local, LOCAL_LEN, 7)?;
+    let local_crc32c = crc32c_file(&local)?;
+    let staged_path = env.spool_path("staged-source.bin");
+    write_large_wav(&staged_path, STAGED_LEN, 8)?;
+    let staged_bytes = std::fs::read(&staged_path)?;
+    std::fs::remove_file(&staged_path)?;
+    env.gcs
+        .upload(&env.staging_bucket, "big/staged.wav", &staged_bytes)
+        .await?;
+    let staged = format!("gs://{}/big/staged.wav", env.staging_bucket);
+
+    env.pubsub
+        .publish_json(&env.topic, &json!({"audio": local, "id": "big-local"}), &[])
+        .await?;
+    env.pubsub
+        .publish_json(&env.topic, &json!({"audio": staged, "id": "big-staged"}), &[])
+        .await?;
+    let worker = Worker::start(settings(&env, &[])?);
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, 2, Duration::from_secs(180))
+        .await?;
+    worker.stop().await?;
+    ensure!(events.len() == 2, "{} of 2 events", events.len());
+
+    for (id, size, crc32c) in [
+        ("big-local", LOCAL_LEN + 44, local_crc32c),
+        ("big-staged", STAGED_LEN + 44, crc32c_base64(&staged_bytes)),
+    ] {
+        let name = format!("audio/{}/audio.wav", audio_id_for(id));
+        let stored = env.gcs.object(&env.bucket, &name).await?.context("stored")?;
+        assert_eq!(stored.size, size, "{id}");
+        assert_eq!(stored.crc32c, crc32c, "{id}: the stored bytes are the source's");
+        let event = events
+            .iter()
+            .map(event_json)
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .into_iter()
+            .find(|e| e["audio_id"] == audio_id_for(id))
+            .context("its event")?;
+        assert_eq!(event["audio"]["size"], size);
+        assert_eq!(event["audio"]["crc32c"], crc32c);
+    }
+    ensure!(!local.exists(), "local source removed");
+    ensure!(
+        env.gcs.list(&env.staging_bucket, "").await?.is_empty(),
+        "staging source removed"
+    );
     Ok(())
 }
