@@ -52,6 +52,38 @@ struct Part {
     cleanup: Option<Cleanup>,
 }
 
+/// One file of a message, checked and ready to store.
+enum Prepared {
+    /// A local file, open, rewound.
+    Local {
+        target: Target,
+        file: tokio::fs::File,
+        path: std::path::PathBuf,
+        size: u64,
+    },
+    /// A staging object being read, its head buffered.
+    Staging { target: Target, staging: StagingObject },
+    /// The source is gone but its object is in the archive (a crash after cleanup).
+    Stored(Part),
+}
+
+/// The archive object a file goes to.
+struct Target {
+    name: String,
+    content_type: ContentType,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Target {
+    fn new_object(&self) -> NewObject<'_> {
+        NewObject {
+            name: &self.name,
+            content_type: self.content_type.mime,
+            metadata: &self.metadata,
+        }
+    }
+}
+
 /// A source to delete after the ack: exactly what was read, nothing else.
 #[derive(Debug, Clone)]
 enum Cleanup {
@@ -169,19 +201,26 @@ impl Pipeline {
             .await
     }
 
-    /// One attempt: both parts, then the confirmed event.
+    /// One attempt: both parts checked, then both stored, then the confirmed event.
     async fn store_once(&self, message: &AudioMessage) -> Result<Stored, Failure> {
-        // Boxed: the SDK futures inside are large, and two of them run side by side.
-        let audio = Box::pin(self.store_part(message, Kind::Audio, &message.audio));
+        // Both sources are checked (allowed, present, right content) before anything is
+        // uploaded, so a bad thumbnail does not leave an orphaned audio object behind.
         let thumbnail = async {
             match &message.thumbnail {
-                Some(source) => Box::pin(self.store_part(message, Kind::Thumbnail, source))
-                    .await
-                    .map(Some),
+                Some(source) => self.prepare(message, Kind::Thumbnail, source).await.map(Some),
                 None => Ok(None),
             }
         };
-        let (audio, thumbnail) = tokio::try_join!(audio, thumbnail)?;
+        let (audio, thumbnail) =
+            tokio::try_join!(self.prepare(message, Kind::Audio, &message.audio), thumbnail)?;
+        // Boxed: the SDK futures inside are large, and two of them run side by side.
+        let thumbnail = async {
+            match thumbnail {
+                Some(prepared) => Box::pin(self.commit(prepared)).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (audio, thumbnail) = tokio::try_join!(Box::pin(self.commit(audio)), thumbnail)?;
         let written = audio.written || thumbnail.as_ref().is_some_and(|t| t.written);
         let cleanups = [
             audio.cleanup.clone(),
@@ -212,110 +251,118 @@ impl Pipeline {
         })
     }
 
-    /// Stores one file of a message, or recognises it as stored already.
-    async fn store_part(&self, message: &AudioMessage, kind: Kind, source: &Source) -> Result<Part, Failure> {
+    /// Checks one source: allowed, present (or already stored), the right kind of content.
+    async fn prepare(
+        &self,
+        message: &AudioMessage,
+        kind: Kind,
+        source: &Source,
+    ) -> Result<Prepared, Failure> {
         match source {
-            Source::Local(path) => {
-                match source::resolve_local(path, &self.settings.sources.local_roots).await {
-                    Ok(local) => self.store_local(message, kind, source, local).await,
-                    Err(SourceError::Missing(what)) => self.recover(message, kind, source, what).await,
-                    Err(error) => Err(error.into()),
+            Source::Local(path) => match source::open_local(path, &self.settings.sources.local_roots).await {
+                Ok(local) => {
+                    let source::LocalFile { path, size, mut file } = local;
+                    let mut head = Vec::with_capacity(content::SNIFF_LEN);
+                    let read = async {
+                        (&mut file)
+                            .take(content::SNIFF_LEN as u64)
+                            .read_to_end(&mut head)
+                            .await?;
+                        tokio::io::AsyncSeekExt::rewind(&mut file).await
+                    };
+                    read.await.map_err(|error| SourceError::Unreadable {
+                        path: path.display().to_string(),
+                        error,
+                    })?;
+                    let content_type = checked_content(kind, source, &head, size)?;
+                    Ok(Prepared::Local {
+                        target: self.target(message, kind, source, content_type),
+                        file,
+                        path,
+                        size,
+                    })
                 }
-            }
+                Err(SourceError::Missing(what)) => self
+                    .recover(message, kind, source, what)
+                    .await
+                    .map(Prepared::Stored),
+                Err(error) => Err(error.into()),
+            },
             Source::Gcs { bucket, object } => match self.store.open_staging(bucket, object).await? {
-                Some(staging) => self.store_staging(message, kind, source, staging).await,
-                None => self.recover(message, kind, source, source.to_string()).await,
+                Some(mut staging) => {
+                    let head = staging.peek(content::SNIFF_LEN).await?.to_vec();
+                    let content_type = checked_content(kind, source, &head, staging.info.size)?;
+                    Ok(Prepared::Staging {
+                        target: self.target(message, kind, source, content_type),
+                        staging,
+                    })
+                }
+                None => self
+                    .recover(message, kind, source, source.to_string())
+                    .await
+                    .map(Prepared::Stored),
             },
         }
     }
 
-    async fn store_local(
-        &self,
-        message: &AudioMessage,
-        kind: Kind,
-        source: &Source,
-        local: source::LocalFile,
-    ) -> Result<Part, Failure> {
-        let unreadable = |error: std::io::Error| {
-            Failure::from(SourceError::Unreadable {
-                path: local.path.display().to_string(),
-                error,
-            })
-        };
-        let mut file = tokio::fs::File::open(&local.path).await.map_err(unreadable)?;
-        let mut head = Vec::with_capacity(content::SNIFF_LEN);
-        (&mut file)
-            .take(content::SNIFF_LEN as u64)
-            .read_to_end(&mut head)
-            .await
-            .map_err(unreadable)?;
-        let content_type = checked_content(kind, source, &head, local.size)?;
-        tokio::io::AsyncSeekExt::rewind(&mut file)
-            .await
-            .map_err(unreadable)?;
-        let name = self.object_name(message, kind, source, content_type);
-        let metadata = object_metadata(message, kind, source);
-        let new = NewObject {
-            name: &name,
-            content_type: content_type.mime,
-            metadata: &metadata,
-        };
-        let cleanup = Some(Cleanup::Local(local.path.clone()));
-        if let Some(existing) = self.store.archived(&name).await? {
-            let crc32c = store::crc32c_of(&mut file).await.map_err(|cause| StoreError {
-                operation: "hash",
-                target: local.path.display().to_string(),
-                cause,
-            })?;
-            return self.existing_part(existing, crc32c, content_type, cleanup);
-        }
-        match self.store.upload_file(file, local.size, &new).await? {
-            Written::Created(info) => Ok(created_part(info, content_type, cleanup)),
-            Written::AlreadyExists => {
-                // Lost a race with another delivery of the same message: compare with what it wrote.
-                let existing = self.archived_after_conflict(&name).await?;
-                let mut file = tokio::fs::File::open(&local.path).await.map_err(unreadable)?;
-                let crc32c = store::crc32c_of(&mut file).await.map_err(|cause| StoreError {
-                    operation: "hash",
-                    target: local.path.display().to_string(),
-                    cause,
-                })?;
-                self.existing_part(existing, crc32c, content_type, cleanup)
+    /// Stores a prepared file, or recognises an identical object as stored.
+    async fn commit(&self, prepared: Prepared) -> Result<Part, Failure> {
+        match prepared {
+            Prepared::Stored(part) => Ok(part),
+            Prepared::Local {
+                target,
+                file,
+                path,
+                size,
+            } => {
+                let cleanup = Some(Cleanup::Local(path.clone()));
+                if let Some(existing) = self.store.archived(&target.name).await? {
+                    let crc32c = hash_file(file, &path).await?;
+                    return self.existing_part(existing, crc32c, target.content_type, cleanup);
+                }
+                match self.store.upload_file(file, size, &target.new_object()).await? {
+                    Written::Created(info) => Ok(created_part(info, target.content_type, cleanup)),
+                    Written::AlreadyExists => {
+                        // Lost a race with another delivery of the same message: compare with what it wrote.
+                        let existing = self.archived_after_conflict(&target.name).await?;
+                        let crc32c = hash_file(source::reopen(&path).await?, &path).await?;
+                        self.existing_part(existing, crc32c, target.content_type, cleanup)
+                    }
+                }
+            }
+            Prepared::Staging { target, staging } => {
+                let cleanup = Some(Cleanup::Staging {
+                    bucket: staging.info.bucket.clone(),
+                    name: staging.info.name.clone(),
+                    generation: staging.info.generation,
+                });
+                let source_crc32c = staging.info.crc32c;
+                if let Some(existing) = self.store.archived(&target.name).await? {
+                    return self.existing_part(existing, source_crc32c, target.content_type, cleanup);
+                }
+                match self.store.upload_staging(staging, &target.new_object()).await? {
+                    Written::Created(info) => Ok(created_part(info, target.content_type, cleanup)),
+                    Written::AlreadyExists => {
+                        let existing = self.archived_after_conflict(&target.name).await?;
+                        self.existing_part(existing, source_crc32c, target.content_type, cleanup)
+                    }
+                }
             }
         }
     }
 
-    async fn store_staging(
+    /// Where and how one file of a message is to be stored.
+    fn target(
         &self,
         message: &AudioMessage,
         kind: Kind,
         source: &Source,
-        mut staging: StagingObject,
-    ) -> Result<Part, Failure> {
-        let head = staging.peek(content::SNIFF_LEN).await?.to_vec();
-        let content_type = checked_content(kind, source, &head, staging.info.size)?;
-        let name = self.object_name(message, kind, source, content_type);
-        let metadata = object_metadata(message, kind, source);
-        let cleanup = Some(Cleanup::Staging {
-            bucket: staging.info.bucket.clone(),
-            name: staging.info.name.clone(),
-            generation: staging.info.generation,
-        });
-        let source_crc32c = staging.info.crc32c;
-        if let Some(existing) = self.store.archived(&name).await? {
-            return self.existing_part(existing, source_crc32c, content_type, cleanup);
-        }
-        let new = NewObject {
-            name: &name,
-            content_type: content_type.mime,
-            metadata: &metadata,
-        };
-        match self.store.upload_staging(staging, &new).await? {
-            Written::Created(info) => Ok(created_part(info, content_type, cleanup)),
-            Written::AlreadyExists => {
-                let existing = self.archived_after_conflict(&name).await?;
-                self.existing_part(existing, source_crc32c, content_type, cleanup)
-            }
+        content_type: ContentType,
+    ) -> Target {
+        Target {
+            name: self.object_name(message, kind, source, content_type),
+            content_type,
+            metadata: object_metadata(message, kind, source),
         }
     }
 
@@ -487,6 +534,17 @@ fn dead_letter_attributes(envelope: &Envelope, failure: &Failure) -> Vec<(String
             .or_insert_with(|| event::format_timestamp(published));
     }
     attributes.into_iter().collect()
+}
+
+/// CRC32C of a local source, for comparing with an existing object.
+async fn hash_file(mut file: tokio::fs::File, path: &std::path::Path) -> Result<u32, Failure> {
+    store::crc32c_of(&mut file).await.map_err(|cause| {
+        Failure::from(StoreError {
+            operation: "hash",
+            target: path.display().to_string(),
+            cause,
+        })
+    })
 }
 
 /// Sniffs and checks the content of one file against what its kind requires.

@@ -110,19 +110,24 @@ impl fmt::Display for Source {
     }
 }
 
-/// A local source checked against the roots: the canonical path of a regular file inside one of them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A local source checked against the roots and opened: a regular file inside one of them.
+#[derive(Debug)]
 pub struct LocalFile {
     /// The canonical path (symlinks resolved); the only path that is read or deleted.
     pub path: PathBuf,
-    /// Size in bytes when it was checked.
+    /// Size in bytes when it was opened.
     pub size: u64,
+    /// The open file, positioned at its start.
+    pub file: tokio::fs::File,
 }
 
-/// Resolves `path` and checks that it is a regular file inside one of `roots`.
+/// Resolves `path`, checks that it lies inside one of `roots`, and opens it as a regular file.
 ///
 /// Roots are canonicalised too, so a root that is itself a symlink works.
-pub async fn resolve_local(path: &Path, roots: &[PathBuf]) -> Result<LocalFile, SourceError> {
+/// The file is opened without following a symlink in its last component and
+/// without blocking (a FIFO swapped in after the check cannot hang the
+/// worker), and the opened handle itself must be a regular file.
+pub async fn open_local(path: &Path, roots: &[PathBuf]) -> Result<LocalFile, SourceError> {
     let display = path.display().to_string();
     let canonical = match tokio::fs::canonicalize(path).await {
         Ok(canonical) => canonical,
@@ -141,22 +146,44 @@ pub async fn resolve_local(path: &Path, roots: &[PathBuf]) -> Result<LocalFile, 
             "{display} resolves outside sources.local_roots"
         )));
     }
-    let metadata = tokio::fs::metadata(&canonical)
+    let unreadable = |error: std::io::Error| match error.kind() {
+        std::io::ErrorKind::NotFound => SourceError::Missing(display.clone()),
+        _ if error.raw_os_error() == Some(libc::ELOOP) => {
+            SourceError::NotAllowed(format!("{display} was replaced by a symlink"))
+        }
+        _ => SourceError::Unreadable {
+            path: display.clone(),
+            error,
+        },
+    };
+    let file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&canonical)
         .await
-        .map_err(|error| match error.kind() {
-            std::io::ErrorKind::NotFound => SourceError::Missing(display.clone()),
-            _ => SourceError::Unreadable {
-                path: display.clone(),
-                error,
-            },
-        })?;
+        .map_err(unreadable)?;
+    let metadata = file.metadata().await.map_err(unreadable)?;
     if !metadata.is_file() {
         return Err(SourceError::NotAFile(display));
     }
     Ok(LocalFile {
         path: canonical,
         size: metadata.len(),
+        file,
     })
+}
+
+/// Opens the canonical `path` of a file `open_local` already checked once more, e.g. to hash it again.
+pub async fn reopen(path: &Path) -> Result<tokio::fs::File, SourceError> {
+    tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .await
+        .map_err(|error| SourceError::Unreadable {
+            path: path.display().to_string(),
+            error,
+        })
 }
 
 /// Whether `path` lies inside one of `roots` (both canonicalised where they exist).
@@ -275,7 +302,7 @@ mod tests {
         let root = tempfile::tempdir()?;
         let file = root.path().join("a.wav");
         std::fs::write(&file, b"RIFF")?;
-        let resolved = resolve_local(&file, &[root.path().to_path_buf()]).await?;
+        let resolved = open_local(&file, &[root.path().to_path_buf()]).await?;
         assert_eq!(resolved.path, std::fs::canonicalize(&file)?);
         assert_eq!(resolved.size, 4);
         Ok(())
@@ -300,7 +327,7 @@ mod tests {
             secret.clone(),
             PathBuf::from("/etc/passwd"),
         ] {
-            let result = resolve_local(&path, &roots).await;
+            let result = open_local(&path, &roots).await;
             assert!(
                 matches!(result, Err(SourceError::NotAllowed(_))),
                 "{}: {result:?}",
@@ -311,16 +338,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn fifos_and_devices_are_not_files_and_do_not_block() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let fifo = root.path().join("pipe.wav");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
+        // SAFETY: a valid NUL-terminated path and a plain mode.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+        let result = open_local(&fifo, &[root.path().to_path_buf()]).await;
+        assert!(matches!(result, Err(SourceError::NotAFile(_))), "{result:?}");
+        let result = open_local(Path::new("/dev/null"), &[PathBuf::from("/dev")]).await;
+        assert!(matches!(result, Err(SourceError::NotAFile(_))), "{result:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn missing_files_and_directories_are_told_apart() -> Result<(), Box<dyn std::error::Error>> {
         let root = tempfile::tempdir()?;
         std::fs::create_dir(root.path().join("dir.wav"))?;
         let roots = [root.path().to_path_buf()];
         assert!(matches!(
-            resolve_local(&root.path().join("gone.wav"), &roots).await,
+            open_local(&root.path().join("gone.wav"), &roots).await,
             Err(SourceError::Missing(_))
         ));
         assert!(matches!(
-            resolve_local(&root.path().join("dir.wav"), &roots).await,
+            open_local(&root.path().join("dir.wav"), &roots).await,
             Err(SourceError::NotAFile(_))
         ));
         Ok(())
