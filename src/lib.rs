@@ -18,15 +18,18 @@
 //! - [`pipeline`] — everything that happens to one message.
 //! - [`worker`] — the loop that pulls, bounds concurrency and shuts down.
 //! - [`setup`] and [`publish`] — the `setup` and `publish` commands.
+//! - [`metrics`] and [`health`] — Prometheus metrics and the `/healthz` `/readyz` `/metrics` endpoint.
 //! - [`telemetry`] — logging.
 
 pub mod config;
 pub mod content;
 pub mod error;
 pub mod event;
+pub mod health;
 pub mod identity;
 pub mod layout;
 pub mod message;
+pub mod metrics;
 pub mod pipeline;
 pub mod publish;
 pub mod pubsub;

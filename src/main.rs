@@ -90,7 +90,7 @@ fn main() -> ExitCode {
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Run => {
-            worker::run(Arc::new(settings), shutdown_signal()).await?;
+            worker::run_service(Arc::new(settings), shutdown_signal()).await?;
         }
         Command::Setup => {
             for step in setup::run(&settings).await? {

@@ -13,6 +13,7 @@ use crate::error::{ErrorKind, Failure};
 use crate::event::{self, EventSource, StoredEvent, StoredObject};
 use crate::layout::{Date, Kind};
 use crate::message::{AudioMessage, Envelope};
+use crate::metrics::Metrics;
 use crate::pubsub::{Delivery, Outbox};
 use crate::source::{self, Source, SourceError};
 use crate::store::{self, NewObject, ObjectInfo, StagingObject, Store, StoreError, Written};
@@ -35,6 +36,18 @@ pub enum Outcome {
     Nacked(ErrorKind),
 }
 
+impl Outcome {
+    /// `stored`, `already_stored`, `dead_lettered` or `nacked`, as in metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Stored => "stored",
+            Outcome::AlreadyStored => "already_stored",
+            Outcome::DeadLettered(_) => "dead_lettered",
+            Outcome::Nacked(_) => "nacked",
+        }
+    }
+}
+
 /// What processing one message needs: the archive, the event outbox and the dead-letter outbox.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -42,6 +55,7 @@ pub struct Pipeline {
     store: Store,
     events: Outbox,
     dead_letters: Option<Outbox>,
+    metrics: Arc<Metrics>,
 }
 
 /// One stored file: the event's description of it, and the source to remove once acked.
@@ -110,12 +124,14 @@ impl Pipeline {
         store: Store,
         events: Outbox,
         dead_letters: Option<Outbox>,
+        metrics: Arc<Metrics>,
     ) -> Pipeline {
         Pipeline {
             settings,
             store,
             events,
             dead_letters,
+            metrics,
         }
     }
 
@@ -127,9 +143,13 @@ impl Pipeline {
             audio_id = tracing::field::Empty,
             delivery_attempt = envelope.delivery_attempt,
         );
-        Box::pin(self.handle_in_span(envelope, delivery))
+        let started = std::time::Instant::now();
+        let _in_flight = self.metrics.start_message();
+        let outcome = Box::pin(self.handle_in_span(envelope, delivery))
             .instrument(span)
-            .await
+            .await;
+        self.metrics.record(&outcome, started.elapsed());
+        outcome
     }
 
     async fn handle_in_span(&self, envelope: Envelope, delivery: Delivery) -> Outcome {
@@ -191,6 +211,7 @@ impl Pipeline {
             .sleep(tokio::time::sleep)
             .when(|failure: &Failure| !failure.is_permanent())
             .notify(|failure: &Failure, delay| {
+                self.metrics.retried(failure.kind());
                 warn!(
                     error = failure.message(),
                     error_kind = failure.kind().as_str(),
@@ -321,7 +342,9 @@ impl Pipeline {
                     return self.existing_part(existing, crc32c, target.content_type, cleanup);
                 }
                 match self.store.upload_file(file, size, &target.new_object()).await? {
-                    Written::Created(info) => Ok(created_part(info, target.content_type, cleanup)),
+                    Written::Created(info) => {
+                        Ok(created_part(&self.metrics, info, target.content_type, cleanup))
+                    }
                     Written::AlreadyExists => {
                         // Lost a race with another delivery of the same message: compare with what it wrote.
                         let existing = self.archived_after_conflict(&target.name).await?;
@@ -341,7 +364,9 @@ impl Pipeline {
                     return self.existing_part(existing, source_crc32c, target.content_type, cleanup);
                 }
                 match self.store.upload_staging(staging, &target.new_object()).await? {
-                    Written::Created(info) => Ok(created_part(info, target.content_type, cleanup)),
+                    Written::Created(info) => {
+                        Ok(created_part(&self.metrics, info, target.content_type, cleanup))
+                    }
                     Written::AlreadyExists => {
                         let existing = self.archived_after_conflict(&target.name).await?;
                         self.existing_part(existing, source_crc32c, target.content_type, cleanup)
@@ -594,7 +619,13 @@ fn object_metadata(message: &AudioMessage, kind: Kind, source: &Source) -> BTree
     metadata
 }
 
-fn created_part(info: ObjectInfo, content_type: ContentType, cleanup: Option<Cleanup>) -> Part {
+fn created_part(
+    metrics: &Metrics,
+    info: ObjectInfo,
+    content_type: ContentType,
+    cleanup: Option<Cleanup>,
+) -> Part {
+    metrics.uploaded(info.size);
     Part {
         object: stored_object(info, content_type.mime),
         written: true,

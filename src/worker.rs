@@ -2,6 +2,7 @@
 //! watches for shutdown. What happens to each message is the pipeline's job.
 
 use crate::config::Settings;
+use crate::health::Health;
 use crate::pipeline::{Outcome, Pipeline};
 use crate::pubsub::{Inbox, Outbox, PubsubError};
 use crate::store::{Store, StoreError};
@@ -16,6 +17,8 @@ use tracing::{error, info, warn};
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause before reopening a failed streaming pull.
 const REOPEN_DELAY: Duration = Duration::from_secs(1);
+/// How often an idle loop still records that it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// Why the worker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +29,14 @@ pub enum WorkerError {
     /// The storage client could not be set up.
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The operations endpoint could not listen.
+    #[error("http.listen {address}: {error}")]
+    Listen {
+        /// The configured address.
+        address: std::net::SocketAddr,
+        /// Why binding failed.
+        error: std::io::Error,
+    },
 }
 
 /// Counts of how messages ended, returned when the worker stops.
@@ -52,10 +63,42 @@ impl Summary {
     }
 }
 
+/// Runs the whole service: the operations endpoint on `http.listen` and the
+/// worker, until `shutdown` completes and the worker has drained.
+pub async fn run_service(
+    settings: Arc<Settings>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, WorkerError> {
+    let address = settings.http.listen;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| WorkerError::Listen { address, error })?;
+    if let Ok(bound) = listener.local_addr() {
+        info!(address = %bound, "serving /healthz /readyz /metrics");
+    }
+    let health = Health::new();
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::health::serve(listener, health.clone(), async move {
+        let _ = http_stopped.await;
+    }));
+    let result = run(settings, health, shutdown).await;
+    let _ = stop_http.send(());
+    match server.await {
+        Ok(Err(error)) => warn!(%error, "the operations endpoint failed"),
+        Err(error) => warn!(%error, "the operations endpoint panicked"),
+        Ok(Ok(())) => {}
+    }
+    result
+}
+
 /// Runs the worker until `shutdown` completes, then drains in-flight messages
 /// for up to `worker.shutdown_grace`, nacks the rest and flushes.
+///
+/// `health` is ready while messages are being pulled, and not from the
+/// moment shutdown begins.
 pub async fn run(
     settings: Arc<Settings>,
+    health: Health,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, WorkerError> {
     let store = Store::connect(&settings.storage).await?;
@@ -64,7 +107,13 @@ pub async fn run(
         Some(topic) => Some(Outbox::connect(&settings.pubsub, topic).await?),
         None => None,
     };
-    let pipeline = Pipeline::new(settings.clone(), store, events.clone(), dead_letters.clone());
+    let pipeline = Pipeline::new(
+        settings.clone(),
+        store,
+        events.clone(),
+        dead_letters.clone(),
+        health.metrics.clone(),
+    );
     let concurrency = settings.worker.concurrency;
     let mut inbox = Inbox::open(&settings.pubsub, concurrency).await?;
     info!(
@@ -77,8 +126,11 @@ pub async fn run(
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut in_flight = JoinSet::new();
     let mut summary = Summary::default();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
     tokio::pin!(shutdown);
+    health.set_ready(true);
     loop {
+        health.beat();
         // Settle finished tasks as we go so the set does not grow.
         while let Some(joined) = in_flight.try_join_next() {
             record(&mut summary, joined);
@@ -87,12 +139,17 @@ pub async fn run(
             biased;
             () = &mut shutdown => break,
             permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = heartbeat.tick() => continue,
         };
-        let next = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            next = inbox.next() => next,
+        let next = loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break None,
+                next = inbox.next() => break Some(next),
+                _ = heartbeat.tick() => health.beat(),
+            }
         };
+        let Some(next) = next else { break };
         match next {
             Some(Ok((envelope, delivery))) => {
                 let pipeline = pipeline.clone();
@@ -103,6 +160,7 @@ pub async fn run(
                 });
             }
             Some(Err(error)) if error.cause.is_not_found() => {
+                health.set_ready(false);
                 error!(%error, "the input subscription does not exist");
                 return Err(error.into());
             }
@@ -122,6 +180,7 @@ pub async fn run(
         }
     }
 
+    health.set_ready(false);
     info!(
         in_flight = in_flight.len(),
         grace_ms = settings.worker.shutdown_grace.as_millis() as u64,

@@ -2,6 +2,7 @@
 //! which the harness starts once for this test binary on loopback.
 
 mod binary;
+mod delivery;
 mod failures;
 #[allow(dead_code)] // A toolkit: later tests (faults, restarts) use the rest.
 mod harness;

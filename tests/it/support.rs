@@ -4,6 +4,7 @@
 use crate::harness::{PROJECT, Received, TestEnv};
 use anyhow::Context as _;
 use audio_store::config::{Environment, Settings};
+use audio_store::health::Health;
 use audio_store::identity::{AudioId, IdentityKey};
 use audio_store::worker::{self, Summary, WorkerError};
 use std::sync::Arc;
@@ -58,6 +59,8 @@ pub fn settings(env: &TestEnv, overrides: &[(&str, &str)]) -> anyhow::Result<Set
 pub struct Worker {
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<Summary, WorkerError>>,
+    /// The worker's live state and metrics, for tests that watch progress.
+    pub health: Health,
 }
 
 impl Worker {
@@ -65,10 +68,11 @@ impl Worker {
     pub fn start(settings: Settings) -> Worker {
         init_logs();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(worker::run(Arc::new(settings), async move {
+        let health = Health::new();
+        let task = tokio::spawn(worker::run(Arc::new(settings), health.clone(), async move {
             let _ = stopped.await;
         }));
-        Worker { stop, task }
+        Worker { stop, task, health }
     }
 
     /// Signals shutdown and returns the worker's summary.

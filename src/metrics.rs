@@ -1,0 +1,209 @@
+//! Metrics: Prometheus counters, gauges and a histogram, labelled only from
+//! the fixed outcome and error-kind sets.
+
+use crate::error::ErrorKind;
+use crate::pipeline::Outcome;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    error_kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// The worker's metrics, shared by the loop, the pipeline and the HTTP endpoint.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    messages: Family<OutcomeLabels, Counter>,
+    uploaded_bytes: Counter,
+    processing: Histogram,
+    in_flight: Gauge,
+    retries: Family<KindLabels, Counter>,
+    dead_lettered: Family<KindLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `audio_store_` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("audio_store");
+        let messages = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "messages",
+            "Messages by how they ended: stored, already_stored, dead_lettered, nacked",
+            messages.clone(),
+        );
+        let uploaded_bytes = Counter::default();
+        registry.register_with_unit(
+            "uploaded",
+            "Bytes written to the archive bucket",
+            Unit::Bytes,
+            uploaded_bytes.clone(),
+        );
+        let processing = Histogram::new(exponential_buckets(0.01, 2.0, 16));
+        registry.register_with_unit(
+            "processing",
+            "Time from receiving a message to settling it",
+            Unit::Seconds,
+            processing.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_messages",
+            "Messages being processed now",
+            in_flight.clone(),
+        );
+        let retries = Family::<KindLabels, Counter>::default();
+        registry.register("retries", "In-process retries by error kind", retries.clone());
+        let dead_lettered = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "dead_lettered",
+            "Messages published to the dead-letter topic, by error kind",
+            dead_lettered.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "The running version", build_info);
+        Metrics {
+            registry,
+            messages,
+            uploaded_bytes,
+            processing,
+            in_flight,
+            retries,
+            dead_lettered,
+        }
+    }
+
+    /// Records how a message ended and how long it took.
+    pub fn record(&self, outcome: &Outcome, elapsed: Duration) {
+        self.messages
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        if let Outcome::DeadLettered(kind) = outcome {
+            self.dead_lettered
+                .get_or_create(&KindLabels {
+                    error_kind: kind.as_str(),
+                })
+                .inc();
+        }
+        self.processing.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one in-process retry.
+    pub fn retried(&self, kind: ErrorKind) {
+        self.retries
+            .get_or_create(&KindLabels {
+                error_kind: kind.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts bytes written to the archive.
+    pub fn uploaded(&self, bytes: u64) {
+        self.uploaded_bytes.inc_by(bytes);
+    }
+
+    /// Marks a message as started; the guard marks it finished when dropped.
+    pub fn start_message(&self) -> InFlight<'_> {
+        self.in_flight.inc();
+        InFlight { metrics: self }
+    }
+
+    /// How many messages ended with `outcome` (`stored`, `already_stored`, `dead_lettered`, `nacked`).
+    pub fn messages(&self, outcome: &str) -> u64 {
+        ["stored", "already_stored", "dead_lettered", "nacked"]
+            .into_iter()
+            .find(|known| *known == outcome)
+            .map(|outcome| self.messages.get_or_create(&OutcomeLabels { outcome }).get())
+            .unwrap_or(0)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Keeps the in-flight gauge up while a message is processed.
+#[derive(Debug)]
+pub struct InFlight<'a> {
+    metrics: &'a Metrics,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_and_kinds_are_counted_under_the_audio_store_prefix() {
+        let metrics = Metrics::new();
+        metrics.record(&Outcome::Stored, Duration::from_millis(20));
+        metrics.record(
+            &Outcome::DeadLettered(ErrorKind::BadContent),
+            Duration::from_millis(5),
+        );
+        metrics.retried(ErrorKind::StorageUnavailable);
+        metrics.uploaded(1234);
+        let text = metrics.render();
+        for line in [
+            "audio_store_messages_total{outcome=\"stored\"} 1",
+            "audio_store_messages_total{outcome=\"dead_lettered\"} 1",
+            "audio_store_dead_lettered_total{error_kind=\"bad_content\"} 1",
+            "audio_store_retries_total{error_kind=\"storage_unavailable\"} 1",
+            "audio_store_uploaded_bytes_total 1234",
+            "audio_store_processing_seconds_count 2",
+            "audio_store_in_flight_messages 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.contains("audio_store_build_info{version="), "{text}");
+        assert_eq!(metrics.messages("stored"), 1);
+        assert_eq!(metrics.messages("nacked"), 0);
+    }
+
+    #[test]
+    fn the_in_flight_gauge_follows_its_guard() {
+        let metrics = Metrics::new();
+        let guard = metrics.start_message();
+        assert!(metrics.render().contains("audio_store_in_flight_messages 1"));
+        drop(guard);
+        assert!(metrics.render().contains("audio_store_in_flight_messages 0"));
+    }
+}
