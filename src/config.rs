@@ -27,7 +27,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    /// A problem with `key`.
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             problem: problem.into(),
@@ -627,6 +628,11 @@ impl Settings {
             http,
             log,
         })
+    }
+
+    /// Expands a short topic or subscription name given on the command line as `key`.
+    pub fn full_name(&self, key: &str, collection: &str, name: &str) -> Result<String, ConfigError> {
+        full_name(key, &self.pubsub.project, collection, name)
     }
 
     /// The input topic, or an error naming the key when it is not configured.

@@ -17,7 +17,7 @@
 //! - [`pubsub`] — the only module that talks to Pub/Sub.
 //! - [`pipeline`] — everything that happens to one message.
 //! - [`worker`] — the loop that pulls, bounds concurrency and shuts down.
-//! - [`setup`] and [`publish`] — the `setup` and `publish` commands.
+//! - [`setup`], [`publish`] and [`replay`] — the operator commands.
 //! - [`metrics`] and [`health`] — Prometheus metrics and the `/healthz` `/readyz` `/metrics` endpoint.
 //! - [`telemetry`] — logging.
 
@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod publish;
 pub mod pubsub;
+pub mod replay;
 pub mod setup;
 pub mod source;
 pub mod store;

@@ -2,14 +2,16 @@
 //! telemetry and calls into the library.
 
 use anyhow::Context as _;
-use audio_store::config::{Environment, Settings};
+use audio_store::config::{ConfigError, Environment, Settings};
 use audio_store::publish::ProcessedMessage;
+use audio_store::replay::{self, ReplayError, ReplayOptions};
 use audio_store::{publish, setup, telemetry, worker};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Stores processed audio from Pub/Sub in Cloud Storage.
 #[derive(Debug, Parser)]
@@ -44,8 +46,39 @@ enum Command {
         #[arg(long = "meta", value_name = "K=V", value_parser = key_value)]
         metadata: Vec<(String, String)>,
     },
+    /// Move dead-lettered messages back to the input topic.
+    Replay {
+        /// The dead-letter subscription (default: pubsub.dead_letter_subscription).
+        #[arg(long, value_name = "DLQ_SUB")]
+        subscription: Option<String>,
+        /// The input topic (default: pubsub.topic).
+        #[arg(long, value_name = "INPUT_TOPIC")]
+        topic: Option<String>,
+        /// Stop after moving this many messages.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// At most this many messages per second.
+        #[arg(long, value_name = "N")]
+        rate: Option<f64>,
+        /// Move only messages of this error kind (e.g. source_missing; max_delivery_attempts for Pub/Sub's own).
+        #[arg(long, value_name = "KIND")]
+        error_kind: Option<String>,
+        /// List what would move; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long an empty pull means drained.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
+        idle: Duration,
+        /// `text` for people, `json` (one object per line) for scripts.
+        #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
     /// Validate the configuration and print the effective values.
     CheckConfig,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|error| format!("expected a duration like 5s: {error}"))
 }
 
 fn key_value(text: &str) -> Result<(String, String), String> {
@@ -78,7 +111,20 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(execute(cli.command, settings)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
+        Err(error) if error.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("audio-store: configuration error: {error:#}");
+            ExitCode::from(2)
+        }
+        Err(error)
+            if matches!(
+                error.downcast_ref::<ReplayError>(),
+                Some(ReplayError::NoSubscription(_) | ReplayError::NoTopic(_))
+            ) =>
+        {
+            eprintln!("audio-store: {error:#}");
+            ExitCode::from(2)
+        }
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "audio-store failed");
             eprintln!("audio-store: {error:#}");
@@ -87,7 +133,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run => {
             worker::run_service(Arc::new(settings), shutdown_signal()).await?;
@@ -113,9 +159,54 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             let message_id = publish::run(&settings, &message).await?;
             println!("{message_id}");
         }
+        Command::Replay {
+            subscription,
+            topic,
+            limit,
+            rate,
+            error_kind,
+            dry_run,
+            idle,
+            output,
+        } => {
+            let options = ReplayOptions {
+                subscription: match subscription {
+                    Some(name) => settings.full_name("--subscription", "subscriptions", &name)?,
+                    None => settings.pubsub.dead_letter_subscription.clone().ok_or_else(|| {
+                        ConfigError::new(
+                            "--subscription",
+                            "required (pubsub.dead_letter_subscription is not set)",
+                        )
+                    })?,
+                },
+                topic: match topic {
+                    Some(name) => settings.full_name("--topic", "topics", &name)?,
+                    None => settings.input_topic()?.to_string(),
+                },
+                limit,
+                rate,
+                error_kind,
+                dry_run,
+                idle,
+            };
+            let summary = if output == "json" {
+                let mut reporter = replay::JsonReporter;
+                let summary = replay::run(&settings, &options, &mut reporter).await?;
+                reporter.finish(&summary);
+                summary
+            } else {
+                let mut reporter = replay::TextReporter::new();
+                let summary = replay::run(&settings, &options, &mut reporter).await?;
+                reporter.finish(&summary);
+                summary
+            };
+            if summary.failed > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::CheckConfig => unreachable!("handled before the runtime starts"),
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Completes on SIGTERM or Ctrl-C (SIGINT).

@@ -42,11 +42,26 @@ pub enum PubsubCause {
     Build(String),
 }
 
+impl PubsubError {
+    /// Whether the topic or subscription does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.cause.is_not_found()
+    }
+}
+
 impl PubsubCause {
     /// Whether the resource does not exist (a configuration problem, not a transient one).
     pub fn is_not_found(&self) -> bool {
-        matches!(self, PubsubCause::Rpc(error)
-            if error.status().is_some_and(|s| s.code == google_cloud_gax::error::rpc::Code::NotFound))
+        let not_found = |error: &google_cloud_pubsub::Error| {
+            error
+                .status()
+                .is_some_and(|s| s.code == google_cloud_gax::error::rpc::Code::NotFound)
+        };
+        match self {
+            PubsubCause::Rpc(error) => not_found(error),
+            PubsubCause::Publish(google_cloud_pubsub::error::PublishError::Rpc(error)) => not_found(error),
+            _ => false,
+        }
     }
 }
 
@@ -176,9 +191,18 @@ pub struct Inbox {
 impl Inbox {
     /// Opens a streaming pull on the input subscription with at most `max_outstanding` messages leased.
     pub async fn open(settings: &PubsubSettings, max_outstanding: usize) -> Result<Inbox, PubsubError> {
+        Inbox::open_subscription(settings, &settings.subscription, max_outstanding).await
+    }
+
+    /// Opens a streaming pull on any `subscription` (`projects/P/subscriptions/S`).
+    pub async fn open_subscription(
+        settings: &PubsubSettings,
+        subscription: &str,
+        max_outstanding: usize,
+    ) -> Result<Inbox, PubsubError> {
         let failed = |cause: PubsubCause| PubsubError {
             operation: "subscribe to",
-            resource: settings.subscription.clone(),
+            resource: subscription.to_string(),
             cause,
         };
         let connection = Connection::new(&settings.endpoint).map_err(failed)?;
@@ -191,11 +215,11 @@ impl Inbox {
             .await
             .map_err(|error| failed(PubsubCause::Build(error.to_string())))?;
         let stream = subscriber
-            .subscribe(settings.subscription.clone())
+            .subscribe(subscription.to_string())
             .set_max_outstanding_messages(max_outstanding as i64)
             .build();
         Ok(Inbox {
-            subscription: settings.subscription.clone(),
+            subscription: subscription.to_string(),
             stream,
         })
     }

@@ -181,6 +181,9 @@ pub async fn run(
     }
 
     health.set_ready(false);
+    while let Some(joined) = in_flight.try_join_next() {
+        record(&mut summary, joined);
+    }
     info!(
         in_flight = in_flight.len(),
         grace_ms = settings.worker.shutdown_grace.as_millis() as u64,

@@ -6,5 +6,6 @@ mod delivery;
 mod failures;
 #[allow(dead_code)] // A toolkit: later tests (faults, restarts) use the rest.
 mod harness;
+mod replay;
 mod support;
 mod worker;

@@ -1,0 +1,468 @@
+//! Replay: moves dead-lettered messages back to the input topic.
+//!
+//! Each message's data and attributes are republished with
+//! `original_message_id` kept (so the worker's identity makes the replay
+//! idempotent) and `replay_count` incremented; the dead-letter copy is acked
+//! only after the republish is confirmed, so a crash mid-replay loses nothing
+//! (at worst a message is moved twice, which identity makes harmless).
+//! Messages that are not moved (filtered out, or a dry run) are held until
+//! the end and then released, untouched, back to the dead-letter subscription.
+
+use crate::config::Settings;
+use crate::message::Envelope;
+use crate::pubsub::{Delivery, Inbox, Outbox, PubsubError};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// The error kind shown for messages Pub/Sub itself dead-lettered after too many deliveries.
+pub const MAX_DELIVERY_ATTEMPTS: &str = "max_delivery_attempts";
+
+/// Attributes the dead-lettering added, dropped on republish.
+const DEAD_LETTER_ATTRIBUTES: [&str; 2] = ["error_kind", "error"];
+/// Prefix of the attributes Pub/Sub's own dead-lettering adds.
+const PUBSUB_DEAD_LETTER_PREFIX: &str = "CloudPubSubDeadLetterSource";
+
+/// What to replay and how.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// The dead-letter subscription, `projects/P/subscriptions/S`.
+    pub subscription: String,
+    /// The input topic, `projects/P/topics/T`.
+    pub topic: String,
+    /// Stop after moving this many.
+    pub limit: Option<u64>,
+    /// At most this many moves per second.
+    pub rate: Option<f64>,
+    /// Move only messages of this error kind (`max_delivery_attempts` for Pub/Sub's own).
+    pub error_kind: Option<String>,
+    /// List what would move, move nothing.
+    pub dry_run: bool,
+    /// How long an empty subscription must stay empty to count as drained.
+    pub idle: Duration,
+}
+
+/// What happened to one dead-lettered message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Republished and acked.
+    Moved,
+    /// Would be moved (dry run).
+    WouldMove,
+    /// Left in the dead-letter subscription (filtered out).
+    Skipped,
+    /// The republish failed; left in the dead-letter subscription.
+    Failed,
+}
+
+/// One dead-lettered message as the operator sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// The dead-letter copy's message id.
+    pub message_id: String,
+    /// The id the identity is derived from (`original_message_id`).
+    pub original_message_id: String,
+    /// Why it was dead-lettered.
+    pub error_kind: String,
+    /// The one-line error, where the worker recorded one.
+    pub error: Option<String>,
+    /// Seconds since it was dead-lettered.
+    pub age_seconds: Option<i64>,
+    /// The `audio` and `thumbnail` sources, where the data names them.
+    pub sources: Vec<String>,
+    /// How often it was replayed before.
+    pub replay_count: u64,
+    /// What this run did with it.
+    pub action: Action,
+    /// Why a move failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Republished and acked (or, in a dry run, would be).
+    pub moved: u64,
+    /// Left alone by the filter.
+    pub skipped: u64,
+    /// Republish failed.
+    pub failed: u64,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+/// Why a replay could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The dead-letter subscription does not exist.
+    #[error("dead-letter subscription {0} does not exist")]
+    NoSubscription(String),
+    /// The input topic does not exist.
+    #[error("input topic {0} does not exist")]
+    NoTopic(String),
+    /// Pub/Sub failed otherwise.
+    #[error("{0}")]
+    Pubsub(#[from] PubsubError),
+}
+
+/// Receives each entry as it is decided, for progress output.
+pub trait Reporter {
+    /// One message was handled.
+    fn entry(&mut self, entry: &Entry);
+}
+
+/// Runs a replay until the subscription is drained (idle) or the limit is reached.
+pub async fn run(
+    settings: &Settings,
+    options: &ReplayOptions,
+    reporter: &mut dyn Reporter,
+) -> Result<Summary, ReplayError> {
+    let mut inbox = Inbox::open_subscription(&settings.pubsub, &options.subscription, 1_000).await?;
+    let outbox = Outbox::connect(&settings.pubsub, &options.topic).await?;
+    let mut summary = Summary {
+        dry_run: options.dry_run,
+        ..Summary::default()
+    };
+    let mut held: Vec<Delivery> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut pacing = options.rate.filter(|rate| *rate > 0.0).map(|rate| {
+        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
+    let result = loop {
+        if options.limit.is_some_and(|limit| summary.moved >= limit) {
+            break Ok(());
+        }
+        let next = match tokio::time::timeout(options.idle, inbox.next()).await {
+            Err(_) | Ok(None) => break Ok(()), // idle for `options.idle`: drained
+            Ok(Some(Err(error))) if error.is_not_found() => {
+                break Err(ReplayError::NoSubscription(options.subscription.clone()));
+            }
+            Ok(Some(Err(error))) => break Err(error.into()),
+            Ok(Some(Ok(next))) => next,
+        };
+        let (envelope, delivery) = next;
+        if !seen.insert(envelope.message_id.clone()) {
+            // Delivered again within this run (a lease ran out): already counted.
+            held.push(delivery);
+            continue;
+        }
+        let mut entry = describe(&envelope);
+        let wanted = options
+            .error_kind
+            .as_ref()
+            .is_none_or(|kind| *kind == entry.error_kind);
+        if !wanted {
+            entry.action = Action::Skipped;
+            summary.skipped += 1;
+            held.push(delivery);
+        } else if options.dry_run {
+            entry.action = Action::WouldMove;
+            summary.moved += 1;
+            held.push(delivery);
+        } else {
+            if let Some(pacing) = &mut pacing {
+                pacing.tick().await;
+            }
+            match outbox
+                .publish(envelope.data.to_vec(), republished_attributes(&envelope))
+                .await
+            {
+                Ok(_) => match delivery.ack().await {
+                    Ok(()) => {
+                        entry.action = Action::Moved;
+                        summary.moved += 1;
+                    }
+                    Err(error) => {
+                        // Republished but still in the dead-letter subscription: it may move twice.
+                        entry.action = Action::Failed;
+                        entry.failure = Some(format!("republished, but the ack failed: {error}"));
+                        summary.failed += 1;
+                    }
+                },
+                Err(error) if error.is_not_found() => {
+                    held.push(delivery);
+                    break Err(ReplayError::NoTopic(options.topic.clone()));
+                }
+                Err(error) => {
+                    entry.action = Action::Failed;
+                    entry.failure = Some(error.to_string());
+                    summary.failed += 1;
+                    held.push(delivery);
+                }
+            }
+        }
+        reporter.entry(&entry);
+    };
+    // Everything not moved goes back to the dead-letter subscription untouched.
+    for delivery in held {
+        delivery.nack();
+    }
+    outbox.flush().await;
+    let closer = inbox.closer();
+    if tokio::time::timeout(Duration::from_secs(10), closer.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("pending acks were not flushed in time");
+    }
+    result.map(|()| summary)
+}
+
+/// What the operator needs to know about one dead-lettered message.
+fn describe(envelope: &Envelope) -> Entry {
+    let attribute = |name: &str| envelope.attributes.get(name).cloned();
+    let error_kind = attribute("error_kind").unwrap_or_else(|| {
+        if envelope
+            .attributes
+            .keys()
+            .any(|k| k.starts_with(PUBSUB_DEAD_LETTER_PREFIX))
+        {
+            MAX_DELIVERY_ATTEMPTS.to_string()
+        } else {
+            "unknown".to_string()
+        }
+    });
+    let sources = serde_json::from_slice::<serde_json::Value>(&envelope.data)
+        .ok()
+        .map(|data| {
+            ["audio", "thumbnail"]
+                .iter()
+                .filter_map(|field| data.get(field).and_then(|v| v.as_str()).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    Entry {
+        message_id: envelope.message_id.clone(),
+        original_message_id: attribute("original_message_id").unwrap_or_else(|| envelope.message_id.clone()),
+        error_kind,
+        error: attribute("error"),
+        age_seconds: envelope
+            .publish_time
+            .map(|published| (jiff::Timestamp::now() - published).get_seconds()),
+        sources,
+        replay_count: replay_count(&envelope.attributes),
+        action: Action::Skipped,
+        failure: None,
+    }
+}
+
+fn replay_count(attributes: &HashMap<String, String>) -> u64 {
+    attributes
+        .get("replay_count")
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The attributes a replayed message carries: the original ones, without the
+/// dead-letter annotations, with `original_message_id` and
+/// `original_publish_time` kept (or set from this copy) and `replay_count` + 1.
+///
+/// A message Pub/Sub dead-lettered itself arrives under a new message id and
+/// without the original one; unless the producer set `id` or
+/// `idempotency_key`, its identity after replay is derived from this copy.
+pub fn republished_attributes(envelope: &Envelope) -> BTreeMap<String, String> {
+    let mut attributes: BTreeMap<String, String> = envelope
+        .attributes
+        .iter()
+        .filter(|(key, _)| {
+            !DEAD_LETTER_ATTRIBUTES.contains(&key.as_str()) && !key.starts_with(PUBSUB_DEAD_LETTER_PREFIX)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    attributes
+        .entry("original_message_id".into())
+        .or_insert_with(|| envelope.message_id.clone());
+    let original_publish_time = envelope
+        .attributes
+        .get("original_publish_time")
+        .or_else(|| {
+            envelope
+                .attributes
+                .get("CloudPubSubDeadLetterSourceTopicPublishTime")
+        })
+        .cloned()
+        .or_else(|| envelope.publish_time.map(crate::event::format_timestamp));
+    if let Some(time) = original_publish_time {
+        attributes.insert("original_publish_time".into(), time);
+    }
+    attributes.insert(
+        "replay_count".into(),
+        (replay_count(&envelope.attributes) + 1).to_string(),
+    );
+    attributes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(attributes: &[(&str, &str)]) -> Envelope {
+        Envelope {
+            message_id: "dlq-7".into(),
+            data: bytes::Bytes::from_static(br#"{"audio": "/spool/a.wav", "thumbnail": "gs://s/c.png"}"#),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
+            delivery_attempt: None,
+        }
+    }
+
+    #[test]
+    fn our_dead_letters_keep_their_original_id_and_lose_the_error() {
+        let attributes = republished_attributes(&envelope(&[
+            ("error_kind", "source_missing"),
+            ("error", "audio: /spool/a.wav does not exist"),
+            ("original_message_id", "42"),
+            ("original_publish_time", "2026-01-01T00:00:00.000Z"),
+            ("idempotency_key", "k"),
+        ]));
+        assert_eq!(
+            attributes.get("original_message_id").map(String::as_str),
+            Some("42")
+        );
+        assert_eq!(attributes.get("replay_count").map(String::as_str), Some("1"));
+        assert_eq!(attributes.get("idempotency_key").map(String::as_str), Some("k"));
+        assert_eq!(
+            attributes.get("original_publish_time").map(String::as_str),
+            Some("2026-01-01T00:00:00.000Z")
+        );
+        assert!(!attributes.contains_key("error_kind") && !attributes.contains_key("error"));
+    }
+
+    #[test]
+    fn the_replay_count_goes_up_each_time() {
+        let attributes =
+            republished_attributes(&envelope(&[("original_message_id", "42"), ("replay_count", "2")]));
+        assert_eq!(attributes.get("replay_count").map(String::as_str), Some("3"));
+    }
+
+    #[test]
+    fn pubsub_dead_letters_are_recognised_and_their_annotations_dropped() {
+        let envelope = envelope(&[
+            ("CloudPubSubDeadLetterSourceDeliveryCount", "5"),
+            ("CloudPubSubDeadLetterSourceSubscription", "in-sub"),
+            (
+                "CloudPubSubDeadLetterSourceTopicPublishTime",
+                "2026-02-03T04:05:06.789Z",
+            ),
+        ]);
+        let entry = describe(&envelope);
+        assert_eq!(entry.error_kind, MAX_DELIVERY_ATTEMPTS);
+        assert_eq!(entry.sources, vec!["/spool/a.wav", "gs://s/c.png"]);
+        let attributes = republished_attributes(&envelope);
+        assert!(
+            attributes
+                .keys()
+                .all(|k| !k.starts_with(PUBSUB_DEAD_LETTER_PREFIX)),
+            "{attributes:?}"
+        );
+        assert_eq!(
+            attributes.get("original_message_id").map(String::as_str),
+            Some("dlq-7")
+        );
+        assert_eq!(
+            attributes.get("original_publish_time").map(String::as_str),
+            Some("2026-02-03T04:05:06.789Z")
+        );
+    }
+}
+
+/// Output for people: a progress line per message, or a progress bar on a terminal.
+pub struct TextReporter {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl TextReporter {
+    /// A progress bar when stderr is a terminal, plain lines on stdout otherwise.
+    pub fn new() -> TextReporter {
+        use std::io::IsTerminal as _;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed} {pos} messages {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        TextReporter { bar }
+    }
+
+    /// Prints the summary line.
+    pub fn finish(&self, summary: &Summary) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        let verb = if summary.dry_run { "would move" } else { "moved" };
+        println!(
+            "{verb} {}, skipped {}, failed {}",
+            summary.moved, summary.skipped, summary.failed
+        );
+    }
+}
+
+impl Default for TextReporter {
+    fn default() -> Self {
+        TextReporter::new()
+    }
+}
+
+impl Reporter for TextReporter {
+    fn entry(&mut self, entry: &Entry) {
+        let action = match entry.action {
+            Action::Moved => "moved",
+            Action::WouldMove => "would move",
+            Action::Skipped => "skipped",
+            Action::Failed => "FAILED",
+        };
+        let age = entry
+            .age_seconds
+            .map(|seconds| humantime::format_duration(Duration::from_secs(seconds.max(0) as u64)).to_string())
+            .unwrap_or_else(|| "?".into());
+        let mut line = format!(
+            "{action:<10} {} kind={} age={age} sources=[{}]",
+            entry.message_id,
+            entry.error_kind,
+            entry.sources.join(", ")
+        );
+        if let Some(error) = &entry.error {
+            line.push_str(&format!(" error={error:?}"));
+        }
+        if let Some(failure) = &entry.failure {
+            line.push_str(&format!(" failure={failure:?}"));
+        }
+        match &self.bar {
+            Some(bar) => {
+                bar.inc(1);
+                bar.println(line);
+            }
+            None => println!("{line}"),
+        }
+    }
+}
+
+/// Output for scripts: one JSON object per message, then the summary as `{"summary": …}`.
+#[derive(Debug, Default)]
+pub struct JsonReporter;
+
+impl JsonReporter {
+    /// Prints the summary object.
+    pub fn finish(&self, summary: &Summary) {
+        println!("{}", serde_json::json!({ "summary": summary }));
+    }
+}
+
+impl Reporter for JsonReporter {
+    fn entry(&mut self, entry: &Entry) {
+        println!(
+            "{}",
+            serde_json::to_string(entry).expect("an entry of strings and numbers always serialises")
+        );
+    }
+}
