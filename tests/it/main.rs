@@ -6,6 +6,7 @@ mod delivery;
 mod failures;
 #[allow(dead_code)] // A toolkit: later tests (faults, restarts) use the rest.
 mod harness;
+mod operations;
 mod replay;
 mod support;
 mod worker;
