@@ -8,5 +8,6 @@ mod failures;
 mod harness;
 mod operations;
 mod replay;
+mod resilience;
 mod support;
 mod worker;
