@@ -16,7 +16,7 @@ use google_cloud_gax::retry_policy::RetryPolicyExt as _;
 use google_cloud_storage::client::Storage;
 use google_cloud_storage::read_object::ReadObjectResponse;
 use google_cloud_storage::retry_policy::RetryableErrors;
-use google_cloud_storage::streaming_source::{SizeHint, StreamingSource};
+use google_cloud_storage::streaming_source::{Seek, SizeHint, StreamingSource};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio::io::AsyncReadExt as _;
@@ -67,6 +67,9 @@ pub enum StoreCause {
     /// Reading the local file failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The server kept different bytes than were sent.
+    #[error("{0}")]
+    Corrupted(String),
     /// A response without a field that must be there.
     #[error("unexpected response: {0}")]
     Malformed(String),
@@ -256,7 +259,11 @@ impl Store {
 
     /// Writes a local file as `object` unless one of that name exists.
     ///
-    /// `file` must be positioned at its start; `size` is its length.
+    /// `file` must be positioned at its start; `size` is its length. The
+    /// written object's size and CRC32C are compared with the file's before
+    /// this returns `Created`: a server that finalised a truncated upload (as
+    /// fake-gcs does when a resumed upload's status is queried) is caught
+    /// here, the bad object deleted and the failure reported as transient.
     pub async fn upload_file(
         &self,
         mut file: tokio::fs::File,
@@ -268,28 +275,45 @@ impl Store {
             target: uri(&self.bucket, object.name),
             cause,
         };
-        let request = self
-            .client
-            .write_object(
-                format!("projects/_/buckets/{}", self.bucket),
-                object.name,
-                file.try_clone().await.map_err(|e| failed(e.into()))?,
-            )
-            .set_if_generation_match(0)
-            .set_content_type(object.content_type)
-            .set_metadata(object.metadata.clone());
-        let result = if size < RESUMABLE_THRESHOLD {
+        let mut verify_with = file.try_clone().await.map_err(|e| failed(e.into()))?;
+        let request = |payload| {
+            self.client
+                .write_object(
+                    format!("projects/_/buckets/{}", self.bucket),
+                    object.name,
+                    payload,
+                )
+                .set_if_generation_match(0)
+                .set_content_type(object.content_type)
+                .set_metadata(object.metadata.clone())
+        };
+        let (result, expected) = if size < RESUMABLE_THRESHOLD {
             // One request; the server verifies the checksum we send along.
             let crc32c = crc32c_of(&mut file).await.map_err(failed)?;
-            Box::pin(request.with_known_crc32c(crc32c).send_unbuffered()).await
+            let upload = request(HashingFile::new(file).0)
+                .with_known_crc32c(crc32c)
+                .send_unbuffered();
+            (Box::pin(upload).await, Some(crc32c))
         } else {
-            // One streamed pass; the client hashes while sending and checks the server's result.
-            request
+            // One streamed pass, hashed as it is read.
+            let (source, hash) = HashingFile::new(file);
+            let upload = request(source)
                 .with_checksum_precomputation(false)
-                .send_unbuffered()
-                .await
+                .send_unbuffered();
+            let result = Box::pin(upload).await;
+            let expected = hash.lock().ok().and_then(|state| state.complete(size));
+            (result, expected)
         };
-        self.written(result).map_err(failed)
+        let written = self.written(result).map_err(failed)?;
+        let Written::Created(info) = written else {
+            return Ok(written);
+        };
+        let expected = match expected {
+            Some(crc32c) => crc32c,
+            // The upload was resumed mid-file, so the running hash is incomplete: read it again.
+            None => crc32c_of(&mut verify_with).await.map_err(failed)?,
+        };
+        self.verified(info, size, expected).await.map_err(failed)
     }
 
     /// Opens a staging object for reading; `None` if it does not exist.
@@ -332,6 +356,7 @@ impl Store {
         object: &NewObject<'_>,
     ) -> Result<Written, StoreError> {
         let crc32c = staging.info.crc32c;
+        let size = staging.info.size;
         let source = StagingStream {
             size: staging.info.size,
             head: Some(staging.head).filter(|head| !head.is_empty()),
@@ -347,11 +372,15 @@ impl Store {
             .send_buffered();
         // The SDK's upload futures are large; keep them off the stack.
         let result = Box::pin(upload).await;
-        self.written(result).map_err(|cause| StoreError {
+        let failed = |cause: StoreCause| StoreError {
             operation: "copy",
             target: uri(&self.bucket, object.name),
             cause,
-        })
+        };
+        match self.written(result).map_err(failed)? {
+            Written::Created(info) => self.verified(info, size, crc32c).await.map_err(failed),
+            Written::AlreadyExists => Ok(Written::AlreadyExists),
+        }
     }
 
     /// Deletes `bucket/name` if it is still at `generation`; an already-deleted object is fine.
@@ -399,6 +428,24 @@ impl Store {
         Ok(true)
     }
 
+    /// Checks a freshly written object against the source's size and CRC32C;
+    /// deletes it and fails (transiently) if they differ.
+    async fn verified(&self, info: ObjectInfo, size: u64, crc32c: u32) -> Result<Written, StoreCause> {
+        if info.size == size && info.crc32c == crc32c {
+            return Ok(Written::Created(info));
+        }
+        let problem = format!(
+            "the stored object does not match its source (size {} vs {size}, crc32c {} vs {}); deleted it to retry",
+            info.size,
+            crc32c_base64(info.crc32c),
+            crc32c_base64(crc32c)
+        );
+        if let Err(error) = self.delete(&info.bucket, &info.name, info.generation).await {
+            tracing::warn!(%error, "could not delete a corrupted upload");
+        }
+        Err(StoreCause::Corrupted(problem))
+    }
+
     fn written(
         &self,
         result: Result<google_cloud_storage::model::Object, google_cloud_storage::Error>,
@@ -437,6 +484,89 @@ impl Store {
             CacheableResource::NotModified => http::HeaderMap::new(),
         };
         Ok(request.headers(headers).timeout(CONTROL_TIMEOUT).send().await?)
+    }
+}
+
+/// The running CRC32C of a file as the upload reads it.
+#[derive(Debug, Default)]
+struct HashState {
+    crc32c: u32,
+    hashed: u64,
+    /// False once the upload resumed somewhere other than where the hash stands.
+    valid: bool,
+}
+
+impl HashState {
+    /// The CRC32C of the whole file, if every byte went through the hash exactly once.
+    fn complete(&self, size: u64) -> Option<u32> {
+        (self.valid && self.hashed == size).then_some(self.crc32c)
+    }
+}
+
+/// A local file as an upload source that hashes what it reads, so large
+/// files are read once and still verified end to end.
+struct HashingFile {
+    file: tokio::fs::File,
+    state: std::sync::Arc<std::sync::Mutex<HashState>>,
+}
+
+impl HashingFile {
+    fn new(file: tokio::fs::File) -> (HashingFile, std::sync::Arc<std::sync::Mutex<HashState>>) {
+        let state = std::sync::Arc::new(std::sync::Mutex::new(HashState {
+            valid: true,
+            ..HashState::default()
+        }));
+        (
+            HashingFile {
+                file,
+                state: state.clone(),
+            },
+            state,
+        )
+    }
+}
+
+impl StreamingSource for HashingFile {
+    type Error = std::io::Error;
+
+    async fn next(&mut self) -> Option<Result<Bytes, Self::Error>> {
+        let mut buffer = vec![0_u8; READ_SIZE];
+        match self.file.read(&mut buffer).await {
+            Err(error) => Some(Err(error)),
+            Ok(0) => None,
+            Ok(read) => {
+                buffer.truncate(read);
+                if let Ok(mut state) = self.state.lock() {
+                    state.crc32c = crc32c::crc32c_append(state.crc32c, &buffer);
+                    state.hashed += read as u64;
+                }
+                Some(Ok(Bytes::from(buffer)))
+            }
+        }
+    }
+
+    async fn size_hint(&self) -> Result<SizeHint, Self::Error> {
+        Ok(SizeHint::with_exact(self.file.metadata().await?.len()))
+    }
+}
+
+impl Seek for HashingFile {
+    type Error = std::io::Error;
+
+    async fn seek(&mut self, offset: u64) -> Result<(), Self::Error> {
+        use tokio::io::AsyncSeekExt as _;
+        self.file.seek(std::io::SeekFrom::Start(offset)).await?;
+        if let Ok(mut state) = self.state.lock() {
+            if offset == 0 {
+                *state = HashState {
+                    valid: true,
+                    ..HashState::default()
+                };
+            } else if offset != state.hashed {
+                state.valid = false;
+            }
+        }
+        Ok(())
     }
 }
 

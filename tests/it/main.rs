@@ -4,9 +4,11 @@
 mod binary;
 mod delivery;
 mod failures;
+mod faults;
 #[allow(dead_code)] // A toolkit: later tests (faults, restarts) use the rest.
 mod harness;
 mod operations;
+mod proxy;
 mod replay;
 mod resilience;
 mod support;
