@@ -146,6 +146,15 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// How many in-process retries failures of `kind` caused.
+    pub fn retries(&self, kind: ErrorKind) -> u64 {
+        self.retries
+            .get_or_create(&KindLabels {
+                error_kind: kind.as_str(),
+            })
+            .get()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut text = String::new();

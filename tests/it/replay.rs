@@ -211,11 +211,12 @@ async fn the_error_kind_filter_and_the_limit_move_only_what_they_select() -> any
     }
 
     // Left behind, untouched: one source_missing and the bad_content one.
-    env.pubsub.release_leases(&env.dead_letter_subscription).await?;
-    let remaining = env
-        .pubsub
-        .drain_for(&env.dead_letter_subscription, Duration::from_secs(2))
-        .await?;
+    let remaining = wait_for("the messages left behind", TIMEOUT, || async {
+        env.pubsub.release_leases(&env.dead_letter_subscription).await?;
+        let pulled = env.pubsub.pull(&env.dead_letter_subscription, 10).await?;
+        Ok((pulled.len() >= 2).then_some(pulled))
+    })
+    .await?;
     let mut left: Vec<(String, String)> = remaining
         .iter()
         .map(|message| {

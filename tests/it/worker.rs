@@ -5,6 +5,7 @@ use crate::harness::{
 };
 use crate::support::{Worker, audio_id_for, event_json, settings};
 use anyhow::{Context as _, ensure};
+use audio_store::error::ErrorKind;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -394,15 +395,23 @@ async fn a_retry_after_the_objects_were_written_does_not_write_them_again() -> a
         &[
             ("AUDIO_STORE__PUBSUB__STORED_TOPIC", &missing_topic),
             ("AUDIO_STORE__RETRY__MAX_ATTEMPTS", "20"),
-            ("AUDIO_STORE__RETRY__INITIAL_BACKOFF", "200ms"),
-            ("AUDIO_STORE__RETRY__MAX_BACKOFF", "1s"),
+            // Retries 2 s apart leave the test time to create the topic and its subscription
+            // between two attempts, so the event cannot slip out before anyone listens.
+            ("AUDIO_STORE__RETRY__INITIAL_BACKOFF", "2s"),
+            ("AUDIO_STORE__RETRY__MAX_BACKOFF", "2s"),
         ],
     )?);
-    let audio_name = format!("audio/{}/audio.wav", audio_id_for("late-event"));
-    let written = wait_for("the audio object", EVENT_TIMEOUT, || async {
-        env.gcs.object(&env.bucket, &audio_name).await
+    let metrics = worker.health.metrics.clone();
+    wait_for("a failed event publish", EVENT_TIMEOUT, || async {
+        Ok((metrics.retries(ErrorKind::PubsubUnavailable) >= 1).then_some(()))
     })
     .await?;
+    let audio_name = format!("audio/{}/audio.wav", audio_id_for("late-event"));
+    let written = env
+        .gcs
+        .object(&env.bucket, &audio_name)
+        .await?
+        .context("uploaded before the publish")?;
     ensure!(
         audio.exists(),
         "no source is deleted before its event is confirmed"
