@@ -7,6 +7,7 @@
 use crate::config::{Endpoint, PubsubSettings};
 use crate::message::Envelope;
 use google_cloud_auth::credentials::Credentials;
+use google_cloud_gax::retry_policy::RetryPolicyExt as _;
 use google_cloud_pubsub::client::{Publisher, Subscriber, SubscriptionAdmin, TopicAdmin};
 use google_cloud_pubsub::model::{DeadLetterPolicy, Message, RetryPolicy};
 use google_cloud_pubsub::subscriber::handler::Handler;
@@ -113,8 +114,15 @@ impl Outbox {
             cause,
         };
         let connection = Connection::new(&settings.endpoint).map_err(failed)?;
+        // The SDK retries one publish briefly (its default keeps trying for 10 minutes);
+        // the pipeline retries the whole unit of work around it with backoff.
         let mut builder = Publisher::builder(topic)
             .with_credentials(connection.credentials)
+            .with_retry_policy(
+                google_cloud_pubsub::retry_policy::RetryableErrors
+                    .with_attempt_limit(3)
+                    .with_time_limit(Duration::from_secs(30)),
+            )
             .set_delay_threshold(Duration::from_millis(5));
         if let Some(endpoint) = connection.endpoint {
             builder = builder.with_endpoint(endpoint);
