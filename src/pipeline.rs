@@ -135,6 +135,11 @@ impl Pipeline {
         }
     }
 
+    /// Checks that the archive bucket can be reached.
+    pub async fn check_archive(&self) -> Result<(), Failure> {
+        Ok(self.store.check_bucket().await?)
+    }
+
     /// Processes one delivered message to the end: stored and acked, dead-lettered, or nacked.
     pub async fn handle(&self, envelope: Envelope, delivery: Delivery) -> Outcome {
         let span = tracing::info_span!(

@@ -226,6 +226,27 @@ impl Store {
         &self.bucket
     }
 
+    /// Checks that the archive bucket exists and can be listed with these credentials.
+    ///
+    /// Listing needs only `storage.objects.list` (object viewer), unlike
+    /// reading the bucket's own metadata.
+    pub async fn check_bucket(&self) -> Result<(), StoreError> {
+        let url = format!("{}/storage/v1/b/{}/o", self.json_base, encode(&self.bucket));
+        let request = self
+            .http
+            .get(url)
+            .query(&[("maxResults", "1"), ("fields", "kind")]);
+        let failed = |cause: StoreCause| StoreError {
+            operation: "list",
+            target: format!("gs://{}", self.bucket),
+            cause,
+        };
+        checked(self.send(request).await.map_err(failed)?)
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+
     /// The archive object `name`, if it exists.
     pub async fn archived(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError> {
         self.object(&self.bucket, name).await

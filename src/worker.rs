@@ -17,6 +17,8 @@ use tracing::{error, info, warn};
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause before reopening a failed streaming pull.
 const REOPEN_DELAY: Duration = Duration::from_secs(1);
+/// Pause between readiness checks of the archive at startup.
+const READINESS_RETRY: Duration = Duration::from_secs(2);
 /// How often an idle loop still records that it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
@@ -123,11 +125,29 @@ pub async fn run(
         "worker started"
     );
 
+    // Not ready until the archive can be reached: a missing bucket or missing permissions
+    // keep the pod out of service (503 on /readyz) instead of nacking every message.
+    tokio::pin!(shutdown);
+    loop {
+        health.beat();
+        match pipeline.check_archive().await {
+            Ok(()) => break,
+            Err(error) => warn!(%error, "the archive bucket is not reachable; not ready"),
+        }
+        tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                info!("shut down before becoming ready");
+                return Ok(Summary::default());
+            }
+            () = tokio::time::sleep(READINESS_RETRY) => {}
+        }
+    }
+
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut in_flight = JoinSet::new();
     let mut summary = Summary::default();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    tokio::pin!(shutdown);
     health.set_ready(true);
     loop {
         health.beat();

@@ -52,7 +52,23 @@ async fn scrape(port: u16) -> anyhow::Result<BTreeMap<String, f64>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm() -> anyhow::Result<()> {
     let env = TestEnv::new();
-    env.create_resources().await?;
+    // Everything but the archive bucket: the worker must not become ready without it.
+    for topic in [&env.topic, &env.stored_topic, &env.dead_letter_topic] {
+        env.pubsub.create_topic(topic).await?;
+    }
+    env.pubsub
+        .create_subscription(&env.subscription, &env.topic, env.default_input_options())
+        .await?;
+    env.pubsub
+        .create_subscription(&env.stored_subscription, &env.stored_topic, Default::default())
+        .await?;
+    env.pubsub
+        .create_subscription(
+            &env.dead_letter_subscription,
+            &env.dead_letter_topic,
+            Default::default(),
+        )
+        .await?;
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     let mut worker = tokio::process::Command::new(BINARY)
@@ -72,6 +88,9 @@ async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm
 
     let (status, body) = wait_for("/healthz", TIMEOUT, || get(port, "/healthz")).await?;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, _) = get(port, "/readyz").await?.context("/readyz answers")?;
+    assert_eq!(status, 503, "not ready while the archive bucket is missing");
+    env.gcs.create_bucket(&env.bucket).await?;
     wait_for("/readyz 200", TIMEOUT, || async {
         Ok(get(port, "/readyz").await?.filter(|(status, _)| *status == 200))
     })
