@@ -1,7 +1,7 @@
 //! The `audio-store` binary as a process: exit codes, commands, signals.
 
 use crate::harness::{PROJECT, TestEnv, sample_png, sample_wav};
-use crate::support::{audio_id_for, environment, event_json};
+use crate::support::{audio_id_for, environment, event_json, signal};
 use anyhow::{Context as _, ensure};
 use std::process::{Output, Stdio};
 use std::time::Duration;
@@ -181,12 +181,7 @@ async fn publish_and_run_as_processes_store_a_message_and_sigterm_exits_0() -> a
         .collect(&env.stored_subscription, 1, Duration::from_secs(60))
         .await?;
 
-    let pid = worker.id().context("the worker is running")?;
-    let kill = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await?;
-    ensure!(kill.success(), "kill -TERM");
+    signal(&worker, "-TERM").await?;
     let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
         .await
         .context("the worker did not exit within 30 s of SIGTERM")??;

@@ -2,7 +2,7 @@
 //! `/healthz`, `/readyz` across start and SIGTERM, `/metrics` as work happens.
 
 use crate::harness::{TestEnv, sample_png, sample_wav, wait_for, write_large_wav};
-use crate::support::environment;
+use crate::support::{environment, http_get, signal};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -14,22 +14,6 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// GET `path`; `None` when nothing listens.
-async fn get(port: u16, path: &str) -> anyhow::Result<Option<(u16, String)>> {
-    let response = match reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-    {
-        Ok(response) => response,
-        Err(error) if error.is_connect() => return Ok(None),
-        Err(error) => return Err(error.into()),
-    };
-    let status = response.status().as_u16();
-    Ok(Some((status, response.text().await?)))
 }
 
 /// The samples of a Prometheus text exposition, by their full name with labels.
@@ -44,7 +28,7 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
 }
 
 async fn scrape(port: u16) -> anyhow::Result<BTreeMap<String, f64>> {
-    let (status, text) = get(port, "/metrics").await?.context("/metrics answers")?;
+    let (status, text) = http_get(port, "/metrics").await?.context("/metrics answers")?;
     ensure!(status == 200, "/metrics {status}");
     Ok(samples(&text))
 }
@@ -86,13 +70,15 @@ async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm
         .kill_on_drop(true)
         .spawn()?;
 
-    let (status, body) = wait_for("/healthz", TIMEOUT, || get(port, "/healthz")).await?;
+    let (status, body) = wait_for("/healthz", TIMEOUT, || http_get(port, "/healthz")).await?;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
-    let (status, _) = get(port, "/readyz").await?.context("/readyz answers")?;
+    let (status, _) = http_get(port, "/readyz").await?.context("/readyz answers")?;
     assert_eq!(status, 503, "not ready while the archive bucket is missing");
     env.gcs.create_bucket(&env.bucket).await?;
     wait_for("/readyz 200", TIMEOUT, || async {
-        Ok(get(port, "/readyz").await?.filter(|(status, _)| *status == 200))
+        Ok(http_get(port, "/readyz")
+            .await?
+            .filter(|(status, _)| *status == 200))
     })
     .await?;
 
@@ -150,18 +136,15 @@ async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm
         Ok((metrics.get("audio_store_in_flight_messages") == Some(&1.0)).then_some(()))
     })
     .await?;
-    let pid = worker.id().context("running")?;
-    let kill = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await?;
-    ensure!(kill.success(), "kill -TERM");
+    signal(&worker, "-TERM").await?;
     let (status, _) = wait_for("/readyz 503 after SIGTERM", TIMEOUT, || async {
-        Ok(get(port, "/readyz").await?.filter(|(status, _)| *status == 503))
+        Ok(http_get(port, "/readyz")
+            .await?
+            .filter(|(status, _)| *status == 503))
     })
     .await?;
     assert_eq!(status, 503);
-    let (health, _) = get(port, "/healthz")
+    let (health, _) = http_get(port, "/healthz")
         .await?
         .context("still serving while draining")?;
     assert_eq!(health, 200, "alive while draining");
@@ -176,7 +159,7 @@ async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm
     );
     ensure!(!big.exists(), "and its source was removed after the ack");
     ensure!(
-        get(port, "/healthz").await?.is_none(),
+        http_get(port, "/healthz").await?.is_none(),
         "the endpoint is gone after exit"
     );
     Ok(())

@@ -3,7 +3,7 @@
 //! sharing one subscription while one of them is killed.
 
 use crate::harness::{FakeGcs, TestEnv, crc32c_file, sample_wav, wait_for, write_large_wav};
-use crate::support::{audio_id_for, environment, event_json};
+use crate::support::{audio_id_for, environment, event_json, http_get, signal};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,31 +38,15 @@ impl Process {
 
     /// A sample from `/metrics`, `None` until the endpoint answers.
     async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
-        let response = match reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{}/metrics", self.port))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-        {
-            Ok(response) => response,
-            Err(error) if error.is_connect() => return Ok(None),
-            Err(error) => return Err(error.into()),
-        };
-        let text = response.text().await?;
-        Ok(text
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-            .or(Some(0.0)))
+        Ok(http_get(self.port, "/metrics").await?.map(|(_, text)| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0.0)
+        }))
     }
 
-    async fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let pid = self.child.id().context("the process is running")?;
-        let status = tokio::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .await?;
-        ensure!(status.success(), "kill {signal}");
-        Ok(())
+    async fn signal(&self, name: &str) -> anyhow::Result<()> {
+        signal(&self.child, name).await
     }
 }
 

@@ -113,3 +113,30 @@ fn init_logs() {
         .with_test_writer()
         .try_init();
 }
+
+/// GETs `http://127.0.0.1:PORT/PATH`; `None` while nothing listens there.
+pub async fn http_get(port: u16, path: &str) -> anyhow::Result<Option<(u16, String)>> {
+    let response = match reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(std::time::Duration::from_secs(5))
+        .send()
+        .await
+    {
+        Ok(response) => response,
+        Err(error) if error.is_connect() => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    let status = response.status().as_u16();
+    Ok(Some((status, response.text().await?)))
+}
+
+/// Sends `signal` (e.g. `-TERM`, `-KILL`) to a child process.
+pub async fn signal(child: &tokio::process::Child, signal: &str) -> anyhow::Result<()> {
+    let pid = child.id().context("the process is running")?;
+    let status = tokio::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "kill {signal} {pid}");
+    Ok(())
+}
