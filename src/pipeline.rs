@@ -342,7 +342,7 @@ impl Pipeline {
                 size,
             } => {
                 let cleanup = Some(Cleanup::Local(path.clone()));
-                if let Some(existing) = self.store.archived(&target.name).await? {
+                if let Some(existing) = self.existing_before_upload(&target, size).await? {
                     let crc32c = hash_file(file, &path).await?;
                     return self.existing_part(existing, crc32c, target.content_type, cleanup);
                 }
@@ -365,7 +365,7 @@ impl Pipeline {
                     generation: staging.info.generation,
                 });
                 let source_crc32c = staging.info.crc32c;
-                if let Some(existing) = self.store.archived(&target.name).await? {
+                if let Some(existing) = self.existing_before_upload(&target, staging.info.size).await? {
                     return self.existing_part(existing, source_crc32c, target.content_type, cleanup);
                 }
                 match self.store.upload_staging(staging, &target.new_object()).await? {
@@ -379,6 +379,16 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// Looks for an existing object before a large upload, so a redelivery does not send
+    /// the whole file again. Small files skip the lookup: their one-request upload is
+    /// conditional (if-generation-match=0), and a 412 leads to the same comparison.
+    async fn existing_before_upload(&self, target: &Target, size: u64) -> Result<Option<ObjectInfo>, Failure> {
+        if size < store::RESUMABLE_THRESHOLD {
+            return Ok(None);
+        }
+        Ok(self.store.archived(&target.name).await?)
     }
 
     /// Where and how one file of a message is to be stored.
