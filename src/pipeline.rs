@@ -384,7 +384,11 @@ impl Pipeline {
     /// Looks for an existing object before a large upload, so a redelivery does not send
     /// the whole file again. Small files skip the lookup: their one-request upload is
     /// conditional (if-generation-match=0), and a 412 leads to the same comparison.
-    async fn existing_before_upload(&self, target: &Target, size: u64) -> Result<Option<ObjectInfo>, Failure> {
+    async fn existing_before_upload(
+        &self,
+        target: &Target,
+        size: u64,
+    ) -> Result<Option<ObjectInfo>, Failure> {
         if size < store::RESUMABLE_THRESHOLD {
             return Ok(None);
         }

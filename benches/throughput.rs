@@ -1,0 +1,1496 @@
+//! Throughput and memory benchmark of the `audio-store` worker (issue 6, "Fast and small").
+//!
+//! Run it with `scripts/bench`, which builds the release worker and then runs
+//! `cargo bench --bench throughput`. It is not part of the test suite.
+//!
+//! Everything runs on this machine: one Pub/Sub emulator for the whole run, a
+//! fresh fake-gcs-server (memory backend) for every measurement, and the worker
+//! as a process (`target/release/audio-store run`). Three scenarios:
+//!
+//! - **small**: N messages of a 64 KiB WAV plus an 8 KiB PNG, all published
+//!   before the worker starts; messages/s from the worker's spawn to the last
+//!   "audio stored" event.
+//! - **large**: 8 messages of a 64 MiB WAV, published to an idle worker;
+//!   MiB/s from the first publish to the last event.
+//! - **huge**: one 1 GiB WAV, as above, plus the worker's peak RSS (VmHWM) and
+//!   its idle RSS (2 s after it became ready, before any message).
+//!
+//! The ceilings use the same files, concurrency and client settings without
+//! the worker: a tight uploader straight to a fresh fake-gcs (the storage
+//! client configured as `src/store.rs` does, no Pub/Sub), and a Pub/Sub relay
+//! with no upload (pull the same input messages, publish an event of the same
+//! size and wait for its confirmation, ack; measured the same way as the
+//! worker, by pulling the events off the stored subscription).
+//!
+//! Arguments (after `--`): `small`, `large`, `huge` pick scenarios (default:
+//! all). Environment: `BENCH_CONCURRENCY` (32), `BENCH_SMALL_MESSAGES` (500),
+//! `BENCH_LARGE_MESSAGES` (8), `BENCH_LARGE_MIB` (64), `BENCH_HUGE_MIB`
+//! (1024), `BENCH_ROUNDS` (rounds of the small scenario, median reported; 3),
+//! `AUDIO_STORE_BIN` (the worker binary; default `target/release/audio-store`).
+
+#[allow(dead_code)] // The integration-test toolkit; the bench uses a part of it.
+#[path = "../tests/it/harness.rs"]
+mod harness;
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use google_cloud_gax::retry_policy::RetryPolicyExt as _;
+use google_cloud_pubsub::client::{Publisher, Subscriber};
+use google_cloud_pubsub::model::Message;
+use google_cloud_storage::client::Storage;
+use google_cloud_storage::retry_policy::RetryableErrors;
+use harness::{FakeGcs, PROJECT, PubsubEmulator, TestEnv};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * 1024;
+/// As `src/store.rs`: smaller files go up in one request with a known CRC32C.
+const RESUMABLE_THRESHOLD: u64 = 8 * MIB;
+/// As `src/store.rs`.
+const UPLOAD_BUFFER_SIZE: usize = 16 * 1024 * 1024;
+/// Sizes of the small scenario's files.
+const SMALL_AUDIO: usize = 64 * 1024;
+const SMALL_THUMBNAIL: usize = 8 * 1024;
+/// How long the worker sits idle before its idle RSS is read.
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
+/// Issue 6's targets.
+const TARGET_SMALL: f64 = 0.80;
+const TARGET_LARGE: f64 = 0.85;
+const TARGET_PEAK_RSS_MIB: f64 = 64.0;
+const TARGET_IDLE_RSS_MIB: f64 = 30.0;
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
+    // binary without it, and the suite must not run a 10-minute benchmark.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        println!("throughput: a benchmark, not a test; run it with scripts/bench (skipped)");
+        return Ok(());
+    }
+    let params = Params::from_env()?;
+    let selected: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .collect();
+    for name in &selected {
+        ensure!(
+            ["small", "large", "huge"].contains(&name.as_str()),
+            "unknown scenario {name:?}: expected small, large or huge"
+        );
+    }
+    let wanted = |name: &str| selected.is_empty() || selected.iter().any(|s| s == name);
+    let binary = worker_binary()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    runtime.block_on(async {
+        let started = Instant::now();
+        let machine = Machine::describe();
+        println!("{}", machine.markdown());
+        println!("worker binary: {}", binary.display());
+        println!("services' logs: {}", harness::log_dir().display());
+        let pubsub = tokio::task::spawn_blocking(PubsubEmulator::start)
+            .await
+            .context("the thread starting the pubsub emulator")??;
+        let bench = Bench {
+            params,
+            binary,
+            pubsub_endpoint: pubsub.endpoint(),
+            pubsub_port: pubsub
+                .endpoint()
+                .rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        };
+        let mut report = Report::default();
+        if wanted("small") {
+            bench.small(&mut report).await.context("small messages")?;
+        }
+        if wanted("large") {
+            bench.large(&mut report).await.context("large files")?;
+        }
+        if wanted("huge") {
+            bench.huge(&mut report).await.context("1 GiB file")?;
+        }
+        println!();
+        println!(
+            "## Results ({:.0} s, load average at the end: {})",
+            started.elapsed().as_secs_f64(),
+            loadavg()
+        );
+        println!();
+        println!("{}", report.results_table(&bench.params));
+        println!("{}", report.cpu_table());
+        drop(pubsub);
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Parameters and the worker binary
+// ---------------------------------------------------------------------------
+
+struct Params {
+    concurrency: usize,
+    small_messages: usize,
+    large_messages: usize,
+    large_size: u64,
+    huge_size: u64,
+    rounds: usize,
+}
+
+impl Params {
+    fn from_env() -> Result<Params> {
+        fn number(name: &str, default: u64) -> Result<u64> {
+            match std::env::var(name) {
+                Ok(value) => value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .with_context(|| format!("{name}={value:?}: expected a positive integer")),
+                Err(_) => Ok(default),
+            }
+        }
+        Ok(Params {
+            concurrency: number("BENCH_CONCURRENCY", 32)? as usize,
+            small_messages: number("BENCH_SMALL_MESSAGES", 500)? as usize,
+            large_messages: number("BENCH_LARGE_MESSAGES", 8)? as usize,
+            large_size: number("BENCH_LARGE_MIB", 64)? * MIB,
+            huge_size: number("BENCH_HUGE_MIB", 1024)? * MIB,
+            rounds: number("BENCH_ROUNDS", 3)? as usize,
+        })
+    }
+}
+
+/// The release worker, refusing one older than the sources it is built from.
+fn worker_binary() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let binary = match std::env::var_os("AUDIO_STORE_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"))
+            .join("release/audio-store"),
+    };
+    let built = std::fs::metadata(&binary)
+        .and_then(|m| m.modified())
+        .with_context(|| {
+            format!(
+                "the release worker {} is missing: run scripts/bench, or \
+                 `cargo build --release --bin audio-store` first",
+                binary.display()
+            )
+        })?;
+    let mut newest = None;
+    // Cargo rebuilds when a source file is newer than the build; a binary older
+    // than one was not rebuilt since.
+    let mut visit = vec![root.join("src")];
+    while let Some(path) = visit.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)?.flatten() {
+                visit.push(entry.path());
+            }
+        } else if let Ok(modified) = meta.modified()
+            && newest.as_ref().is_none_or(|(time, _)| modified > *time)
+        {
+            newest = Some((modified, path));
+        }
+    }
+    if std::env::var_os("AUDIO_STORE_BIN").is_none()
+        && let Some((time, path)) = newest
+        && time > built
+    {
+        bail!(
+            "the release worker {} is older than {}: run scripts/bench, or \
+             `cargo build --release --bin audio-store` first",
+            binary.display(),
+            path.display()
+        );
+    }
+    Ok(binary)
+}
+
+// ---------------------------------------------------------------------------
+// The scenarios
+// ---------------------------------------------------------------------------
+
+struct Bench {
+    params: Params,
+    binary: PathBuf,
+    pubsub_endpoint: String,
+    pubsub_port: String,
+}
+
+/// One input message: its files and the JSON the worker gets.
+struct Input {
+    id: String,
+    audio: PathBuf,
+    thumbnail: Option<PathBuf>,
+}
+
+impl Input {
+    fn json(&self) -> Vec<u8> {
+        let mut message = serde_json::json!({ "audio": self.audio, "id": self.id });
+        if let Some(thumbnail) = &self.thumbnail {
+            message["thumbnail"] = serde_json::json!(thumbnail);
+        }
+        message.to_string().into_bytes()
+    }
+}
+
+impl Bench {
+    async fn small(&self, report: &mut Report) -> Result<()> {
+        let n = self.params.small_messages;
+        let bytes = n as u64 * (SMALL_AUDIO + SMALL_THUMBNAIL) as u64;
+        let mut gcs_runs = Vec::new();
+        let mut stat_runs = Vec::new();
+        let mut pubsub_runs = Vec::new();
+        let mut paced_runs = Vec::new();
+        let mut worker_runs = Vec::new();
+        for round in 1..=self.params.rounds {
+            println!(
+                "\n# small messages, round {round}/{}: {n} × (64 KiB WAV + 8 KiB PNG)",
+                self.params.rounds
+            );
+            let files = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
+            let mut audio = harness::sample_wav((SMALL_AUDIO - 44) / 2);
+            audio.truncate(SMALL_AUDIO);
+            let mut png = harness::sample_png();
+            png.resize(SMALL_THUMBNAIL, 0);
+            let inputs: Vec<Input> = (0..n)
+                .map(|i| Input {
+                    id: format!("small-{}-{i}", files.id),
+                    audio: files.spool_file(&format!("small/{i}.wav"), &audio),
+                    thumbnail: Some(files.spool_file(&format!("small/{i}.png"), &png)),
+                })
+                .collect();
+            sync_files();
+
+            let gcs = self
+                .gcs_ceiling("small GCS ceiling", &inputs, Requests::Upload)
+                .await?;
+            println!("{}", gcs.line(n, bytes));
+            gcs_runs.push(gcs);
+            let stat = self
+                .gcs_ceiling("small GCS stat+upload", &inputs, Requests::StatThenUpload)
+                .await?;
+            println!("{}", stat.line(n, bytes));
+            stat_runs.push(stat);
+            let pubsub = self
+                .pubsub_ceiling("small Pub/Sub ceiling", &inputs, Duration::ZERO)
+                .await?;
+            println!("{}", pubsub.line(n, bytes));
+            pubsub_runs.push(pubsub);
+            // Held as long as a message's stat+upload took in the run above.
+            let hold = stat_runs[stat_runs.len() - 1]
+                .elapsed
+                .mul_f64(self.params.concurrency as f64 / n as f64);
+            let paced = self.pubsub_ceiling("small Pub/Sub paced", &inputs, hold).await?;
+            println!(
+                "{} (each message held {} ms)",
+                paced.line(n, bytes),
+                hold.as_millis()
+            );
+            paced_runs.push(paced);
+            let worker = self
+                .worker("small worker", &files, &inputs, bytes, Start::Backlog)
+                .await?;
+            println!("{}", worker.line(n, bytes));
+            worker_runs.push(worker);
+        }
+        let peak_rss_kib = worker_runs.iter().filter_map(|r| r.peak_rss_kib).max();
+        let mut worker = median(worker_runs);
+        worker.peak_rss_kib = peak_rss_kib;
+        report.small = Some(Small {
+            messages: n,
+            gcs: median(gcs_runs),
+            gcs_stat: median(stat_runs),
+            pubsub: median(pubsub_runs),
+            pubsub_paced: median(paced_runs),
+            worker,
+        });
+        Ok(())
+    }
+
+    async fn large(&self, report: &mut Report) -> Result<()> {
+        let (n, size) = (self.params.large_messages, self.params.large_size);
+        let title = format!("large files: {n} × {} MiB", size / MIB);
+        report.large = Some(self.files_scenario(&title, "large", n, size).await?);
+        Ok(())
+    }
+
+    async fn huge(&self, report: &mut Report) -> Result<()> {
+        let size = self.params.huge_size;
+        let title = format!("one {} MiB file", size / MIB);
+        report.huge = Some(self.files_scenario(&title, "huge", 1, size).await?);
+        Ok(())
+    }
+
+    /// `n` files of `size` bytes, one per message, sent to an idle worker;
+    /// `rounds` times, each with its own files, resources and fake-gcs.
+    async fn files_scenario(&self, title: &str, name: &str, n: usize, size: u64) -> Result<Large> {
+        let bytes = n as u64 * size;
+        let mut gcs_runs = Vec::new();
+        let mut worker_runs = Vec::new();
+        for round in 1..=self.params.rounds {
+            println!("\n# {title}, round {round}/{}", self.params.rounds);
+            let files = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
+            let inputs = write_large_inputs(&files, name, n, size).await?;
+            let gcs = self
+                .gcs_ceiling(&format!("{name} GCS ceiling"), &inputs, Requests::Upload)
+                .await?;
+            println!("{}", gcs.line(n, bytes));
+            gcs_runs.push(gcs);
+            let worker = self
+                .worker(&format!("{name} worker"), &files, &inputs, bytes, Start::Idle)
+                .await?;
+            println!("{}", worker.line(n, bytes));
+            worker_runs.push(worker);
+        }
+        // Memory: the worst round counts.
+        let peak_rss_kib = worker_runs.iter().filter_map(|r| r.peak_rss_kib).max();
+        let idle_rss_kib = worker_runs.iter().filter_map(|r| r.idle_rss_kib).max();
+        let mut worker = median(worker_runs);
+        worker.peak_rss_kib = peak_rss_kib;
+        worker.idle_rss_kib = idle_rss_kib;
+        Ok(Large {
+            messages: n,
+            size,
+            gcs: median(gcs_runs),
+            worker,
+        })
+    }
+
+    /// Uploads every input's files straight to a fresh fake-gcs, `concurrency`
+    /// messages at a time, both files of a message at once (as the worker does).
+    ///
+    /// With [`Requests::StatThenUpload`] each upload is preceded by a metadata
+    /// GET (404) as the worker's is; that run is a diagnostic, not a ceiling.
+    async fn gcs_ceiling(&self, label: &str, inputs: &[Input], requests: Requests) -> Result<Run> {
+        let gcs = start_fake_gcs().await?;
+        let rest = harness::GcsRest::new(&gcs.endpoint());
+        let bucket = harness::unique("ceiling");
+        rest.create_bucket(&bucket).await?;
+        let client = storage_client(&gcs.endpoint()).await?;
+        let stat = match requests {
+            Requests::Upload => None,
+            Requests::StatThenUpload => Some(Stat {
+                http: reqwest::Client::builder().no_proxy().build()?,
+                endpoint: gcs.endpoint(),
+            }),
+        };
+        let stat = Arc::new(stat);
+        // A tight uploader: checksums of small files are known before the clock starts.
+        let mut jobs = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            let mut parts = vec![Part::new(&input.audio, format!("{i}/audio.wav"))?];
+            if let Some(thumbnail) = &input.thumbnail {
+                parts.push(Part::new(thumbnail, format!("{i}/thumbnail.png"))?);
+            }
+            jobs.push(parts);
+        }
+        let watch = CpuWatch::new(None, Some(&gcs.endpoint()), &self.pubsub_port);
+        let before = watch.sample();
+        let started = Instant::now();
+        let permits = Arc::new(Semaphore::new(self.params.concurrency));
+        let mut tasks = JoinSet::new();
+        for parts in jobs {
+            let permit = permits.clone().acquire_owned().await?;
+            let client = client.clone();
+            let bucket = bucket.clone();
+            let stat = stat.clone();
+            tasks.spawn(async move {
+                let uploads = parts.into_iter().map(|part| {
+                    let client = client.clone();
+                    let bucket = bucket.clone();
+                    let stat = stat.clone();
+                    async move {
+                        if let Some(stat) = stat.as_ref() {
+                            stat.absent(&bucket, &part.name).await?;
+                        }
+                        part.upload(&client, &bucket).await
+                    }
+                });
+                let result = futures::future::try_join_all(uploads).await;
+                drop(permit);
+                result.map(|_| ())
+            });
+            while let Some(joined) = tasks.try_join_next() {
+                joined??;
+            }
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined??;
+        }
+        let elapsed = started.elapsed();
+        let cpu = watch.sample().since(&before);
+        Ok(Run::new(label, elapsed, cpu))
+    }
+
+    /// Pub/Sub alone: the same input messages pulled, an event of the worker's
+    /// size published and confirmed for each, then acked; timed from the
+    /// relay's start (inputs published before) to the last event pulled.
+    ///
+    /// With a `hold`, each message is held that long before its event is
+    /// published (as if it were being uploaded): a diagnostic of what the
+    /// emulator costs at a slower pace, not a ceiling.
+    async fn pubsub_ceiling(&self, label: &str, inputs: &[Input], hold: Duration) -> Result<Run> {
+        let env = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
+        create_pubsub_resources(&env).await?;
+        publish_inputs(&self.pubsub_endpoint, &env.topic, inputs).await?;
+        let events = Events::start(&self.pubsub_endpoint, &env, inputs.len()).await?;
+        let watch = CpuWatch::new(None, None, &self.pubsub_port);
+        let before = watch.sample();
+        let started = Instant::now();
+        let subscriber = Subscriber::builder()
+            .with_credentials(anonymous())
+            .with_endpoint(&self.pubsub_endpoint)
+            .build()
+            .await
+            .context("building the subscriber")?;
+        let publisher = Publisher::builder(env.pubsub.topic_path(&env.stored_topic))
+            .with_credentials(anonymous())
+            .with_endpoint(&self.pubsub_endpoint)
+            .set_delay_threshold(Duration::from_millis(5))
+            .build()
+            .await
+            .context("building the publisher")?;
+        let mut stream = subscriber
+            .subscribe(env.pubsub.subscription_path(&env.subscription))
+            .set_max_outstanding_messages(self.params.concurrency as i64)
+            .build();
+        let shutdown = stream.shutdown_token();
+        let concurrency = self.params.concurrency;
+        let relay = tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(concurrency));
+            let mut tasks = JoinSet::new();
+            while let Some(next) = stream.next().await {
+                let (message, handler) = next.context("pulling")?;
+                let permit = permits.clone().acquire_owned().await?;
+                let publisher = publisher.clone();
+                tasks.spawn(async move {
+                    tokio::time::sleep(hold).await;
+                    let (data, attributes) = event_like(&message.data);
+                    let published = publisher
+                        .publish(Message::new().set_data(data).set_attributes(attributes))
+                        .await;
+                    match published {
+                        Ok(_) => handler.ack(),
+                        Err(_) => handler.nack(),
+                    }
+                    drop(permit);
+                    published.map(|_| ()).context("publishing an event")
+                });
+                while let Some(joined) = tasks.try_join_next() {
+                    joined??;
+                }
+            }
+            while let Some(joined) = tasks.join_next().await {
+                joined??;
+            }
+            publisher.flush().await;
+            anyhow::Ok(())
+        });
+        let done = events.wait(None).await;
+        let cpu = watch.sample().since(&before);
+        shutdown.shutdown().await;
+        relay.await.context("the relay task")??;
+        Ok(Run::new(label, done? - started, cpu))
+    }
+
+    /// The worker as a process on fresh resources and a fresh fake-gcs.
+    async fn worker(
+        &self,
+        label: &str,
+        files: &TestEnv,
+        inputs: &[Input],
+        bytes: u64,
+        start: Start,
+    ) -> Result<Run> {
+        let gcs = start_fake_gcs().await?;
+        let env = TestEnv::with_endpoints(&self.pubsub_endpoint, &gcs.endpoint());
+        env.create_resources().await?;
+        if start == Start::Backlog {
+            publish_inputs(&self.pubsub_endpoint, &env.topic, inputs).await?;
+        }
+        let events = Events::start(&self.pubsub_endpoint, &env, inputs.len()).await?;
+        let mut worker = WorkerProcess::spawn(&self.binary, &env, files.spool.path(), &self.params, label)?;
+        let watch = CpuWatch::new(Some(worker.pid), Some(&gcs.endpoint()), &self.pubsub_port);
+        let mut run = match start {
+            Start::Backlog => {
+                let before = watch.sample();
+                let started = Instant::now();
+                let ready = worker.wait_ready().await?;
+                let done = events.wait(Some(&mut worker)).await;
+                let cpu = watch.sample().since(&before);
+                let done = diagnose(done, &env, &worker).await?;
+                let mut run = Run::new(label, done - started, cpu);
+                run.ready = Some(ready);
+                run
+            }
+            Start::Idle => {
+                let ready = worker.wait_ready().await?;
+                let idle_before = watch.sample();
+                tokio::time::sleep(IDLE_SETTLE).await;
+                let idle_cpu = watch.sample().since(&idle_before);
+                let idle = worker.status_kib("VmRSS")?;
+                let before = watch.sample();
+                let started = Instant::now();
+                publish_inputs(&self.pubsub_endpoint, &env.topic, inputs).await?;
+                let done = events.wait(Some(&mut worker)).await;
+                let cpu = watch.sample().since(&before);
+                let done = diagnose(done, &env, &worker).await?;
+                let mut run = Run::new(label, done - started, cpu);
+                run.ready = Some(ready);
+                run.idle_rss_kib = Some(idle);
+                run.idle_cpu = Some(idle_cpu);
+                run
+            }
+        };
+        run.peak_rss_kib = Some(worker.status_kib("VmHWM")?);
+        // The event is published before the ack and the cleanup, which the metrics count after.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (stored, uploaded) = loop {
+            let (stored, uploaded) = worker.metrics().await?;
+            if stored >= inputs.len() as u64 || Instant::now() > deadline {
+                break (stored, uploaded);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        ensure!(
+            stored == inputs.len() as u64,
+            "{label}: /metrics says {stored} stored, expected {}",
+            inputs.len()
+        );
+        ensure!(
+            uploaded == bytes,
+            "{label}: /metrics says {uploaded} bytes uploaded, expected {bytes}"
+        );
+        let objects = env.gcs.list(&env.bucket, "").await?;
+        let expected: usize = inputs
+            .iter()
+            .map(|i| 1 + usize::from(i.thumbnail.is_some()))
+            .sum();
+        ensure!(
+            objects.len() == expected,
+            "{label}: {} objects in the bucket, expected {expected}",
+            objects.len()
+        );
+        run.warnings = worker.stop().await?;
+        Ok(run)
+    }
+}
+
+/// Adds what went wrong (dead letters, the worker's log) to a failed wait for events.
+async fn diagnose<T>(waited: Result<T>, env: &TestEnv, worker: &WorkerProcess) -> Result<T> {
+    let error = match waited {
+        Ok(value) => return Ok(value),
+        Err(error) => error,
+    };
+    let dead_letters = match env.pubsub.pull(&env.dead_letter_subscription, 5).await {
+        Ok(messages) => messages
+            .iter()
+            .map(|m| format!("{:?}", m.attributes))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("(cannot pull the dead letters: {e:#})"),
+    };
+    let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    Err(error.context(format!(
+        "dead letters (first 5):\n{dead_letters}\nworker log ({}), last lines:\n{tail}",
+        worker.log.display()
+    )))
+}
+
+/// When the worker starts relative to the messages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// All messages are published first; timed from the worker's spawn.
+    Backlog,
+    /// The worker is started and idle first; timed from the first publish.
+    Idle,
+}
+
+async fn write_large_inputs(files: &TestEnv, prefix: &str, n: usize, size: u64) -> Result<Vec<Input>> {
+    let mut inputs = Vec::new();
+    for i in 0..n {
+        let path = files.spool_path(&format!("{prefix}-{i}.wav"));
+        let id = format!("{prefix}-{}-{i}", files.id);
+        let target = path.clone();
+        // The file is `size` bytes in all: a 44-byte WAV header and pseudo-random data.
+        tokio::task::spawn_blocking(move || harness::write_large_wav(&target, size - 44, i as u64))
+            .await
+            .context("the thread writing a large file")??;
+        inputs.push(Input {
+            id,
+            audio: path,
+            thumbnail: None,
+        });
+    }
+    sync_files();
+    Ok(inputs)
+}
+
+/// Writes dirty pages out now, so that the kernel's writeback of the files
+/// just written does not run during the first measurement.
+fn sync_files() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+// ---------------------------------------------------------------------------
+// Services and clients
+// ---------------------------------------------------------------------------
+
+async fn start_fake_gcs() -> Result<FakeGcs> {
+    tokio::task::spawn_blocking(FakeGcs::start_memory)
+        .await
+        .context("the thread starting fake-gcs")?
+}
+
+fn anonymous() -> google_cloud_auth::credentials::Credentials {
+    google_cloud_auth::credentials::anonymous::Builder::new().build()
+}
+
+/// The storage client as `src/store.rs` builds it for an emulator.
+async fn storage_client(endpoint: &str) -> Result<Storage> {
+    Storage::builder()
+        .with_credentials(anonymous())
+        .with_retry_policy(
+            RetryableErrors
+                .with_attempt_limit(3)
+                .with_time_limit(Duration::from_secs(60)),
+        )
+        .with_resumable_upload_threshold(RESUMABLE_THRESHOLD as usize)
+        .with_resumable_upload_buffer_size(UPLOAD_BUFFER_SIZE)
+        .with_endpoint(endpoint)
+        .build()
+        .await
+        .context("building the storage client")
+}
+
+/// Which requests the GCS ceiling makes per object.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Requests {
+    /// The upload alone.
+    Upload,
+    /// A metadata GET first (the worker's "exists already?"), then the upload.
+    StatThenUpload,
+}
+
+/// The worker's "does the object exist?" request: a JSON-API metadata GET.
+struct Stat {
+    http: reqwest::Client,
+    endpoint: String,
+}
+
+impl Stat {
+    async fn absent(&self, bucket: &str, name: &str) -> Result<()> {
+        let encoded: String = name
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect();
+        let url = format!("{}/storage/v1/b/{bucket}/o/{encoded}", self.endpoint);
+        let status = self.http.get(url).send().await?.status();
+        ensure!(
+            status == reqwest::StatusCode::NOT_FOUND,
+            "stat {name}: {status}, expected 404"
+        );
+        Ok(())
+    }
+}
+
+/// One file to upload for the GCS ceiling.
+struct Part {
+    path: PathBuf,
+    name: String,
+    size: u64,
+    crc32c: Option<u32>,
+}
+
+impl Part {
+    fn new(path: &Path, name: String) -> Result<Part> {
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("stat {}", path.display()))?
+            .len();
+        let crc32c = if size < RESUMABLE_THRESHOLD {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(crc32c::crc32c(&bytes))
+        } else {
+            None
+        };
+        Ok(Part {
+            path: path.to_path_buf(),
+            name,
+            size,
+            crc32c,
+        })
+    }
+
+    /// Uploads the file as `src/store.rs` does: small files in one request with
+    /// their known CRC32C, large ones as one streamed resumable upload.
+    async fn upload(self, client: &Storage, bucket: &str) -> Result<()> {
+        let file = tokio::fs::File::open(&self.path)
+            .await
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        let request = client
+            .write_object(format!("projects/_/buckets/{bucket}"), &self.name, file)
+            .set_if_generation_match(0);
+        let object = match self.crc32c {
+            Some(crc32c) => Box::pin(request.with_known_crc32c(crc32c).send_unbuffered()).await,
+            None => Box::pin(request.with_checksum_precomputation(false).send_unbuffered()).await,
+        }
+        .with_context(|| format!("uploading {}", self.name))?;
+        ensure!(
+            u64::try_from(object.size).ok() == Some(self.size),
+            "{}: uploaded {} bytes, expected {}",
+            self.name,
+            object.size,
+            self.size
+        );
+        Ok(())
+    }
+}
+
+/// Topics and subscriptions as [`TestEnv::create_resources`] makes them, without buckets.
+async fn create_pubsub_resources(env: &TestEnv) -> Result<()> {
+    for topic in [&env.topic, &env.stored_topic, &env.dead_letter_topic] {
+        env.pubsub.create_topic(topic).await?;
+    }
+    env.pubsub
+        .create_subscription(&env.subscription, &env.topic, env.default_input_options())
+        .await?;
+    env.pubsub
+        .create_subscription(&env.stored_subscription, &env.stored_topic, Default::default())
+        .await
+}
+
+/// Publishes every input (batched by the client) and waits for all confirmations.
+async fn publish_inputs(endpoint: &str, topic: &str, inputs: &[Input]) -> Result<Duration> {
+    let started = Instant::now();
+    let publisher = Publisher::builder(format!("projects/{PROJECT}/topics/{topic}"))
+        .with_credentials(anonymous())
+        .with_endpoint(endpoint)
+        .build()
+        .await
+        .context("building the input publisher")?;
+    let pending: Vec<_> = inputs
+        .iter()
+        .map(|input| publisher.publish(Message::new().set_data(input.json())))
+        .collect();
+    for published in futures::future::join_all(pending).await {
+        published.context("publishing an input message")?;
+    }
+    Ok(started.elapsed())
+}
+
+/// An "audio stored" event of the worker's size for an input message.
+fn event_like(input: &[u8]) -> (Vec<u8>, Vec<(String, String)>) {
+    let message: serde_json::Value = serde_json::from_slice(input).unwrap_or_default();
+    let id = message["id"].as_str().unwrap_or("unknown").to_string();
+    let object = |kind: &str, ext: &str| {
+        serde_json::json!({
+            "uri": format!("gs://audio-bucket/audio/{id}/{kind}{ext}"),
+            "bucket": "audio-bucket",
+            "name": format!("audio/{id}/{kind}{ext}"),
+            "size": 65536, "content_type": "audio/wav", "crc32c": "AAAAAA==",
+            "md5": "Bn3hdjPQWlF51hYKPDlO/Q==", "generation": "1795493329535433",
+        })
+    };
+    let event = serde_json::json!({
+        "audio_id": id,
+        "audio": object("audio", ".wav"),
+        "thumbnail": object("thumbnail", ".png"),
+        "source": {"message_id": "1", "audio": message["audio"], "thumbnail": message["thumbnail"]},
+        "metadata": {},
+        "stored_at": "2026-11-24T04:08:49.536Z",
+    });
+    let attributes = vec![
+        ("audio_id".to_string(), id),
+        ("event_type".to_string(), "audio.stored".to_string()),
+    ];
+    (event.to_string().into_bytes(), attributes)
+}
+
+/// Receives the "audio stored" events of `env`'s stored subscription by
+/// streaming pull and notes when the `count`-th distinct one (by `audio_id`)
+/// arrived. Not by polling: every REST pull costs the Java emulator 5–17 ms of
+/// CPU, and polling every 20 ms took half a core from the measured processes.
+struct Events {
+    task: tokio::task::JoinHandle<Result<Instant>>,
+}
+
+impl Events {
+    /// Opens the stream and gives it a moment to connect.
+    async fn start(endpoint: &str, env: &TestEnv, count: usize) -> Result<Events> {
+        const STALL: Duration = Duration::from_secs(60);
+        let subscriber = Subscriber::builder()
+            .with_credentials(anonymous())
+            .with_endpoint(endpoint)
+            .build()
+            .await
+            .context("building the events subscriber")?;
+        let mut stream = subscriber
+            .subscribe(env.pubsub.subscription_path(&env.stored_subscription))
+            .set_max_outstanding_messages(1000)
+            .build();
+        let task = tokio::spawn(async move {
+            let mut seen = HashSet::new();
+            while seen.len() < count {
+                let next = tokio::time::timeout(STALL, stream.next())
+                    .await
+                    .map_err(|_| anyhow!("{} of {count} events, then none for {STALL:?}", seen.len()))?;
+                let Some(next) = next else {
+                    bail!("the event stream ended after {} of {count} events", seen.len());
+                };
+                let (message, handler) = next.context("pulling events")?;
+                handler.ack();
+                let id = message
+                    .attributes
+                    .get("audio_id")
+                    .ok_or_else(|| anyhow!("an event without audio_id: {message:?}"))?;
+                seen.insert(id.clone());
+            }
+            let done = Instant::now();
+            stream.shutdown_token().shutdown().await;
+            Ok(done)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(Events { task })
+    }
+
+    /// The time the last event arrived; fails early when the worker (if given) exits.
+    async fn wait(mut self, mut worker: Option<&mut WorkerProcess>) -> Result<Instant> {
+        loop {
+            tokio::select! {
+                joined = &mut self.task => return joined.context("the events task")?,
+                () = tokio::time::sleep(Duration::from_millis(250)) => {
+                    if let Some(worker) = worker.as_deref_mut()
+                        && let Some(status) = worker.child.try_wait()?
+                    {
+                        self.task.abort();
+                        bail!("the worker exited ({status})");
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The worker process
+// ---------------------------------------------------------------------------
+
+struct WorkerProcess {
+    child: tokio::process::Child,
+    pid: u32,
+    base: String,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl WorkerProcess {
+    fn spawn(
+        binary: &Path,
+        env: &TestEnv,
+        spool: &Path,
+        params: &Params,
+        label: &str,
+    ) -> Result<WorkerProcess> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let log = harness::log_dir().join(format!("worker-{}-{}.log", label.replace(' ', "-"), env.id));
+        let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let pubsub_host = env.pubsub_endpoint.trim_start_matches("http://").to_string();
+        let variables: BTreeMap<&str, String> = [
+            ("AUDIO_STORE__PUBSUB__PROJECT", PROJECT.to_string()),
+            ("AUDIO_STORE__PUBSUB__TOPIC", env.topic.clone()),
+            ("AUDIO_STORE__PUBSUB__SUBSCRIPTION", env.subscription.clone()),
+            ("AUDIO_STORE__PUBSUB__STORED_TOPIC", env.stored_topic.clone()),
+            (
+                "AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC",
+                env.dead_letter_topic.clone(),
+            ),
+            ("AUDIO_STORE__STORAGE__BUCKET", env.bucket.clone()),
+            ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", spool.display().to_string()),
+            ("AUDIO_STORE__WORKER__CONCURRENCY", params.concurrency.to_string()),
+            ("AUDIO_STORE__WORKER__SHUTDOWN_GRACE", "10s".to_string()),
+            ("AUDIO_STORE__HTTP__LISTEN", format!("127.0.0.1:{port}")),
+            ("AUDIO_STORE__LOG__LEVEL", "warn".to_string()),
+            ("PUBSUB_EMULATOR_HOST", pubsub_host),
+            ("STORAGE_EMULATOR_HOST", env.gcs_endpoint.clone()),
+        ]
+        .into_iter()
+        .collect();
+        let child = tokio::process::Command::new(binary)
+            .arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&variables)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}", binary.display()))?;
+        let pid = child.id().context("the worker has no pid")?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(WorkerProcess {
+            child,
+            pid,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            http,
+        })
+    }
+
+    /// Polls `/readyz` every 5 ms; returns the time until it answered 200.
+    async fn wait_ready(&mut self) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the worker exited ({status}) before it was ready; log {}",
+                    self.log.display()
+                );
+            }
+            let ready = self.http.get(format!("{}/readyz", self.base)).send().await;
+            if ready.is_ok_and(|response| response.status().is_success()) {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("the worker was not ready within 30 s; log {}", self.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A field of /proc/PID/status, in KiB (VmRSS, VmHWM).
+    fn status_kib(&self, field: &str) -> Result<u64> {
+        proc_status_kib(self.pid, field)
+    }
+
+    /// `audio_store_messages_total{outcome="stored"}` and `audio_store_uploaded_bytes_total`
+    /// (0 while a series is absent: a labelled one appears on its first count).
+    async fn metrics(&self) -> Result<(u64, u64)> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let value = |name: &str| -> Result<u64> {
+            match text.lines().find_map(|line| line.strip_prefix(name)) {
+                None => Ok(0),
+                Some(rest) => rest
+                    .trim()
+                    .parse::<f64>()
+                    .map(|v| v as u64)
+                    .with_context(|| format!("{name}: not a number in /metrics: {rest:?}")),
+            }
+        };
+        Ok((
+            value("audio_store_messages_total{outcome=\"stored\"} ")?,
+            value("audio_store_uploaded_bytes_total ")?,
+        ))
+    }
+
+    /// SIGTERM, wait for exit 0; returns the number of log lines (warnings and errors).
+    async fn stop(mut self) -> Result<usize> {
+        let pid = libc::pid_t::try_from(self.pid)?;
+        // SAFETY: kill(2) with a pid of our own child and a valid signal has no memory effects.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        ensure!(sent == 0, "kill -TERM {pid}: {}", std::io::Error::last_os_error());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .context("the worker did not exit within 30 s of SIGTERM")??;
+        ensure!(
+            status.success(),
+            "the worker exited with {status}; log {}",
+            self.log.display()
+        );
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        Ok(log.lines().count())
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+// ---------------------------------------------------------------------------
+// CPU accounting
+// ---------------------------------------------------------------------------
+
+/// CPU seconds of the processes involved, and of the whole machine.
+struct CpuWatch {
+    worker: Option<u32>,
+    gcs: Vec<u32>,
+    pubsub: Vec<u32>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    worker: f64,
+    gcs: f64,
+    pubsub: f64,
+    bench: f64,
+    machine_busy: f64,
+    machine_total: f64,
+}
+
+impl CpuWatch {
+    /// `gcs_endpoint` `http://127.0.0.X` names the fake-gcs; `pubsub_port` the emulator.
+    fn new(worker: Option<u32>, gcs_endpoint: Option<&str>, pubsub_port: &str) -> CpuWatch {
+        let host = gcs_endpoint.map(|e| e.trim_start_matches("http://").to_string());
+        let port = format!("--port={pubsub_port}");
+        let mut gcs = Vec::new();
+        let mut pubsub = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if let Some(host) = &host
+                && args.iter().any(|a| a.contains("fake-gcs-server"))
+                && args.windows(2).any(|w| w[0] == "-host" && w[1] == *host)
+            {
+                gcs.push(pid);
+            }
+            if args.iter().any(|a| a == &port) {
+                pubsub.push(pid);
+            }
+        }
+        CpuWatch { worker, gcs, pubsub }
+    }
+
+    fn sample(&self) -> Cpu {
+        let seconds = |pids: &[u32]| pids.iter().map(|pid| process_cpu(*pid)).sum::<f64>();
+        let (machine_busy, machine_total) = machine_cpu();
+        Cpu {
+            worker: self.worker.map(process_cpu).unwrap_or_default(),
+            gcs: seconds(&self.gcs),
+            pubsub: seconds(&self.pubsub),
+            bench: process_cpu(std::process::id()),
+            machine_busy,
+            machine_total,
+        }
+    }
+}
+
+impl Cpu {
+    fn since(&self, before: &Cpu) -> Cpu {
+        Cpu {
+            worker: self.worker - before.worker,
+            gcs: self.gcs - before.gcs,
+            pubsub: self.pubsub - before.pubsub,
+            bench: self.bench - before.bench,
+            machine_busy: self.machine_busy - before.machine_busy,
+            machine_total: self.machine_total - before.machine_total,
+        }
+    }
+
+    fn other(&self) -> f64 {
+        (self.machine_busy - self.worker - self.gcs - self.pubsub - self.bench).max(0.0)
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// User + system CPU seconds of a process (all its threads); 0 when it is gone.
+fn process_cpu(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+/// Busy and total CPU seconds of the whole machine (all cores), from /proc/stat.
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0.0, 0.0);
+    };
+    let values: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = values.iter().sum();
+    let idle = values.get(3).copied().unwrap_or(0.0) + values.get(4).copied().unwrap_or(0.0);
+    ((total - idle) / clock_ticks(), total / clock_ticks())
+}
+
+// ---------------------------------------------------------------------------
+// Results
+// ---------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Run {
+    label: String,
+    elapsed: Duration,
+    cpu: Cpu,
+    ready: Option<Duration>,
+    idle_rss_kib: Option<u64>,
+    peak_rss_kib: Option<u64>,
+    /// CPU while the worker sat idle for [`IDLE_SETTLE`] before the messages.
+    idle_cpu: Option<Cpu>,
+    warnings: usize,
+}
+
+impl Run {
+    fn new(label: &str, elapsed: Duration, cpu: Cpu) -> Run {
+        Run {
+            label: label.to_string(),
+            elapsed,
+            cpu,
+            ready: None,
+            idle_rss_kib: None,
+            peak_rss_kib: None,
+            idle_cpu: None,
+            warnings: 0,
+        }
+    }
+
+    fn secs(&self) -> f64 {
+        self.elapsed.as_secs_f64()
+    }
+
+    fn line(&self, messages: usize, bytes: u64) -> String {
+        let mut line = format!(
+            "{:<22} {:>8.2} s  {:>8.1} msg/s  {:>8.1} MiB/s",
+            self.label,
+            self.secs(),
+            messages as f64 / self.secs(),
+            bytes as f64 / MIB as f64 / self.secs()
+        );
+        if let Some(ready) = self.ready {
+            let _ = write!(line, "  ready after {:.0} ms", ready.as_secs_f64() * 1000.0);
+        }
+        if let Some(idle) = self.idle_rss_kib {
+            let _ = write!(line, "  idle RSS {:.1} MiB", idle as f64 / KIB as f64);
+        }
+        if let Some(peak) = self.peak_rss_kib {
+            let _ = write!(line, "  peak RSS {:.1} MiB", peak as f64 / KIB as f64);
+        }
+        if self.warnings > 0 {
+            let _ = write!(line, "  {} log line(s) at warn or above", self.warnings);
+        }
+        line
+    }
+}
+
+/// The run with the median time (of an odd count; the faster middle one of an even count).
+fn median(mut runs: Vec<Run>) -> Run {
+    runs.sort_by_key(|run| run.elapsed);
+    runs.swap_remove((runs.len() - 1) / 2)
+}
+
+struct Small {
+    messages: usize,
+    gcs: Run,
+    /// Diagnostic: the uploads with the worker's metadata GET before each.
+    gcs_stat: Run,
+    /// Diagnostic: the Pub/Sub relay with each message held as long as its uploads take.
+    pubsub_paced: Run,
+    pubsub: Run,
+    worker: Run,
+}
+
+struct Large {
+    messages: usize,
+    size: u64,
+    gcs: Run,
+    worker: Run,
+}
+
+impl Large {
+    fn mib_s(&self, run: &Run) -> f64 {
+        (self.messages as u64 * self.size) as f64 / MIB as f64 / run.secs()
+    }
+}
+
+#[derive(Default)]
+struct Report {
+    small: Option<Small>,
+    large: Option<Large>,
+    huge: Option<Large>,
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "**met**" } else { "**not met**" }
+}
+
+impl Report {
+    fn results_table(&self, params: &Params) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "Concurrency {} (worker.concurrency and the ceilings' in-flight messages).\n",
+            params.concurrency
+        );
+        let _ = writeln!(
+            out,
+            "| measurement | worker | ceiling | worker / ceiling | target | |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---|---|");
+        if let Some(small) = &self.small {
+            let rate = |run: &Run| small.messages as f64 / run.secs();
+            let (worker, gcs, pubsub) = (rate(&small.worker), rate(&small.gcs), rate(&small.pubsub));
+            let ceiling = gcs.min(pubsub);
+            let ratio = worker / ceiling;
+            let rounds = if params.rounds > 1 {
+                format!(", median of {} rounds", params.rounds)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "| small: {} × (64 KiB WAV + 8 KiB PNG), messages/s (worker: spawn → last event{rounds}) \
+                 | {worker:.1} | GCS {gcs:.1} ({:.1} objects/s); Pub/Sub {pubsub:.1} | {ratio:.2} of min | ≥ {TARGET_SMALL:.2} | {} |",
+                small.messages,
+                gcs * 2.0,
+                verdict(ratio >= TARGET_SMALL)
+            );
+        }
+        if let Some(large) = &self.large {
+            let (worker, gcs) = (large.mib_s(&large.worker), large.mib_s(&large.gcs));
+            let ratio = worker / gcs;
+            let _ = writeln!(
+                out,
+                "| large: {} × {} MiB, MiB/s (first publish → last event) | {worker:.1} | {gcs:.1} | {ratio:.2} | ≥ {TARGET_LARGE:.2} | {} |",
+                large.messages,
+                large.size / MIB,
+                verdict(ratio >= TARGET_LARGE)
+            );
+        }
+        if let Some(huge) = &self.huge {
+            let (worker, gcs) = (huge.mib_s(&huge.worker), huge.mib_s(&huge.gcs));
+            let ratio = worker / gcs;
+            let _ = writeln!(
+                out,
+                "| one {} MiB file, MiB/s (publish → event) | {worker:.1} | {gcs:.1} | {ratio:.2} | ≥ {TARGET_LARGE:.2} (as large) | {} |",
+                huge.size / MIB,
+                verdict(ratio >= TARGET_LARGE)
+            );
+            if let Some(peak) = huge.worker.peak_rss_kib {
+                let peak = peak as f64 / KIB as f64;
+                let _ = writeln!(
+                    out,
+                    "| worker peak RSS (VmHWM) uploading the {} MiB file | {peak:.1} MiB | | | < {TARGET_PEAK_RSS_MIB:.0} MiB | {} |",
+                    huge.size / MIB,
+                    verdict(peak < TARGET_PEAK_RSS_MIB)
+                );
+            }
+        }
+        let idle = self
+            .huge
+            .as_ref()
+            .and_then(|h| h.worker.idle_rss_kib)
+            .or_else(|| self.large.as_ref().and_then(|l| l.worker.idle_rss_kib));
+        if let Some(idle) = idle {
+            let idle = idle as f64 / KIB as f64;
+            let _ = writeln!(
+                out,
+                "| worker idle RSS (VmRSS {} s after ready) | {idle:.1} MiB | | | < {TARGET_IDLE_RSS_MIB:.0} MiB | {} |",
+                IDLE_SETTLE.as_secs(),
+                verdict(idle < TARGET_IDLE_RSS_MIB)
+            );
+        }
+        let others: Vec<String> = [
+            self.small.as_ref().map(|s| ("small", &s.worker)),
+            self.large.as_ref().map(|l| ("large", &l.worker)),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, run)| {
+            run.peak_rss_kib
+                .map(|peak| format!("{name} {:.1} MiB", peak as f64 / KIB as f64))
+        })
+        .collect();
+        if !others.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nWorker peak RSS in the other scenarios: {}.",
+                others.join(", ")
+            );
+        }
+        if let Some(small) = &self.small {
+            let rate = |run: &Run| small.messages as f64 / run.secs();
+            let _ = writeln!(
+                out,
+                "\nDiagnostic, small: the GCS uploads each preceded by the worker's metadata GET \
+                 (\"exists already?\", 404): {:.1} messages/s, {:.2} of the upload-only ceiling.",
+                rate(&small.gcs_stat),
+                rate(&small.gcs_stat) / rate(&small.gcs)
+            );
+            let _ = writeln!(
+                out,
+                "Diagnostic, small: the Pub/Sub relay with each message held as long as its stat+upload \
+                 took: {:.1} messages/s, the emulator using {:.2} CPU-s (unpaced: {:.2}).",
+                rate(&small.pubsub_paced),
+                small.pubsub_paced.cpu.pubsub,
+                small.pubsub.cpu.pubsub
+            );
+        }
+        out
+    }
+
+    fn cpu_table(&self) -> String {
+        let mut runs: Vec<&Run> = Vec::new();
+        if let Some(small) = &self.small {
+            runs.extend([
+                &small.gcs,
+                &small.gcs_stat,
+                &small.pubsub,
+                &small.pubsub_paced,
+                &small.worker,
+            ]);
+        }
+        for large in [&self.large, &self.huge].into_iter().flatten() {
+            runs.extend([&large.gcs, &large.worker]);
+        }
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "CPU seconds during each measurement (2 cores = 2 CPU-s per wall second; \
+             \"other\" is the rest of the machine, e.g. concurrent builds):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| measurement | wall s | worker | fake-gcs | Pub/Sub emulator | bench process | other | machine busy |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let mut row = |label: &str, secs: f64, cpu: &Cpu| {
+            let cores = if cpu.machine_total > 0.0 {
+                cpu.machine_busy / cpu.machine_total * 100.0
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                out,
+                "| {label} | {secs:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {cores:.0} % |",
+                cpu.worker,
+                cpu.gcs,
+                cpu.pubsub,
+                cpu.bench,
+                cpu.other()
+            );
+        };
+        for run in runs {
+            if let Some(idle) = &run.idle_cpu {
+                let label = format!("{} (idle, before the messages)", run.label);
+                row(&label, IDLE_SETTLE.as_secs_f64(), idle);
+            }
+            row(&run.label, run.secs(), &run.cpu);
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The machine
+// ---------------------------------------------------------------------------
+
+struct Machine {
+    cpus: usize,
+    model: String,
+    memory: String,
+    kernel: String,
+    date: String,
+}
+
+impl Machine {
+    fn describe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|rest| rest.split_once(':'))
+            .map(|(_, model)| model.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kb| format!("{:.1} GiB", kb / (1024.0 * 1024.0)))
+            .unwrap_or_else(|| "unknown".into());
+        Machine {
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            model,
+            memory,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            date: jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC").to_string(),
+        }
+    }
+
+    fn markdown(&self) -> String {
+        format!(
+            "# audio-store throughput benchmark\n\n\
+             - date: {}\n- machine: {} CPUs ({}), {} RAM, Linux {}\n- load average at the start: {}\n\
+             - the Pub/Sub emulator, fake-gcs-server, the worker and this bench all run on this machine",
+            self.date,
+            self.cpus,
+            self.model,
+            self.memory,
+            self.kernel,
+            loadavg()
+        )
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
