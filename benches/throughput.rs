@@ -1,11 +1,14 @@
 //! Throughput and memory benchmark of the `audio-store` worker (issue 6, "Fast and small").
 //!
 //! Run it with `scripts/bench`, which builds the release worker and then runs
-//! `cargo bench --bench throughput`. It is not part of the test suite.
+//! `cargo bench --bench throughput`. It is not part of the test suite (run
+//! without `--bench`, as `cargo test --all-targets` does, it does nothing).
 //!
 //! Everything runs on this machine: one Pub/Sub emulator for the whole run, a
 //! fresh fake-gcs-server (memory backend) for every measurement, and the worker
-//! as a process (`target/release/audio-store run`). Three scenarios:
+//! as a process (`target/release/audio-store run`). Three scenarios, each run
+//! for several rounds (a round runs the ceilings and then the worker on the
+//! same files, back to back):
 //!
 //! - **small**: N messages of a 64 KiB WAV plus an 8 KiB PNG, all published
 //!   before the worker starts; messages/s from the worker's spawn to the last
@@ -13,20 +16,23 @@
 //! - **large**: 8 messages of a 64 MiB WAV, published to an idle worker;
 //!   MiB/s from the first publish to the last event.
 //! - **huge**: one 1 GiB WAV, as above, plus the worker's peak RSS (VmHWM) and
-//!   its idle RSS (2 s after it became ready, before any message).
+//!   its idle RSS (VmRSS 2 s after it became ready, before any message).
 //!
 //! The ceilings use the same files, concurrency and client settings without
 //! the worker: a tight uploader straight to a fresh fake-gcs (the storage
 //! client configured as `src/store.rs` does, no Pub/Sub), and a Pub/Sub relay
 //! with no upload (pull the same input messages, publish an event of the same
-//! size and wait for its confirmation, ack; measured the same way as the
-//! worker, by pulling the events off the stored subscription).
+//! size and wait for its confirmation, ack). Events are received the same way
+//! for the relay and the worker: a streaming pull of the stored subscription.
+//! The CPU time of every process (worker, fake-gcs, Pub/Sub emulator, this
+//! bench, everything else) is read from /proc around each measurement.
 //!
 //! Arguments (after `--`): `small`, `large`, `huge` pick scenarios (default:
 //! all). Environment: `BENCH_CONCURRENCY` (32), `BENCH_SMALL_MESSAGES` (500),
 //! `BENCH_LARGE_MESSAGES` (8), `BENCH_LARGE_MIB` (64), `BENCH_HUGE_MIB`
-//! (1024), `BENCH_ROUNDS` (rounds of the small scenario, median reported; 3),
-//! `AUDIO_STORE_BIN` (the worker binary; default `target/release/audio-store`).
+//! (1024), `BENCH_ROUNDS` (5; medians are reported), `AUDIO_STORE_BIN` (the
+//! worker binary; default `target/release/audio-store`, which must not be older
+//! than `src/`).
 
 #[allow(dead_code)] // The integration-test toolkit; the bench uses a part of it.
 #[path = "../tests/it/harness.rs"]
@@ -126,6 +132,7 @@ fn main() -> Result<()> {
         );
         println!();
         println!("{}", report.results_table(&bench.params));
+        println!("{}", report.rounds_table());
         println!("{}", report.cpu_table());
         drop(pubsub);
         Ok(())
@@ -163,7 +170,7 @@ impl Params {
             large_messages: number("BENCH_LARGE_MESSAGES", 8)? as usize,
             large_size: number("BENCH_LARGE_MIB", 64)? * MIB,
             huge_size: number("BENCH_HUGE_MIB", 1024)? * MIB,
-            rounds: number("BENCH_ROUNDS", 3)? as usize,
+            rounds: number("BENCH_ROUNDS", 5)? as usize,
         })
     }
 }
@@ -251,16 +258,14 @@ impl Bench {
     async fn small(&self, report: &mut Report) -> Result<()> {
         let n = self.params.small_messages;
         let bytes = n as u64 * (SMALL_AUDIO + SMALL_THUMBNAIL) as u64;
-        let mut gcs_runs = Vec::new();
-        let mut stat_runs = Vec::new();
-        let mut pubsub_runs = Vec::new();
-        let mut paced_runs = Vec::new();
-        let mut worker_runs = Vec::new();
+        let mut scenario = Scenario::new(
+            Kind::Small,
+            format!("small: {n} × (64 KiB WAV + 8 KiB PNG)"),
+            n,
+            bytes,
+        );
         for round in 1..=self.params.rounds {
-            println!(
-                "\n# small messages, round {round}/{}: {n} × (64 KiB WAV + 8 KiB PNG)",
-                self.params.rounds
-            );
+            println!("\n# {}, round {round}/{}", scenario.title, self.params.rounds);
             let files = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
             let mut audio = harness::sample_wav((SMALL_AUDIO - 44) / 2);
             audio.truncate(SMALL_AUDIO);
@@ -279,102 +284,88 @@ impl Bench {
                 .gcs_ceiling("small GCS ceiling", &inputs, Requests::Upload)
                 .await?;
             println!("{}", gcs.line(n, bytes));
-            gcs_runs.push(gcs);
-            let stat = self
-                .gcs_ceiling("small GCS stat+upload", &inputs, Requests::StatThenUpload)
+            let lookup = self
+                .gcs_ceiling("small GCS lookup+upload", &inputs, Requests::StatThenUpload)
                 .await?;
-            println!("{}", stat.line(n, bytes));
-            stat_runs.push(stat);
+            println!("{}", lookup.line(n, bytes));
             let pubsub = self
                 .pubsub_ceiling("small Pub/Sub ceiling", &inputs, Duration::ZERO)
                 .await?;
             println!("{}", pubsub.line(n, bytes));
-            pubsub_runs.push(pubsub);
-            // Held as long as a message's stat+upload took in the run above.
-            let hold = stat_runs[stat_runs.len() - 1]
-                .elapsed
-                .mul_f64(self.params.concurrency as f64 / n as f64);
+            // Held as long as a message's uploads took in the upload-only run above.
+            let hold = gcs.elapsed.mul_f64(self.params.concurrency as f64 / n as f64);
             let paced = self.pubsub_ceiling("small Pub/Sub paced", &inputs, hold).await?;
             println!(
                 "{} (each message held {} ms)",
                 paced.line(n, bytes),
                 hold.as_millis()
             );
-            paced_runs.push(paced);
             let worker = self
                 .worker("small worker", &files, &inputs, bytes, Start::Backlog)
                 .await?;
             println!("{}", worker.line(n, bytes));
-            worker_runs.push(worker);
+            scenario.rounds.push(Round {
+                gcs,
+                gcs_lookup: Some(lookup),
+                pubsub: Some(pubsub),
+                pubsub_paced: Some(paced),
+                worker,
+            });
         }
-        let peak_rss_kib = worker_runs.iter().filter_map(|r| r.peak_rss_kib).max();
-        let mut worker = median(worker_runs);
-        worker.peak_rss_kib = peak_rss_kib;
-        report.small = Some(Small {
-            messages: n,
-            gcs: median(gcs_runs),
-            gcs_stat: median(stat_runs),
-            pubsub: median(pubsub_runs),
-            pubsub_paced: median(paced_runs),
-            worker,
-        });
+        report.scenarios.push(scenario);
         Ok(())
     }
 
     async fn large(&self, report: &mut Report) -> Result<()> {
         let (n, size) = (self.params.large_messages, self.params.large_size);
-        let title = format!("large files: {n} × {} MiB", size / MIB);
-        report.large = Some(self.files_scenario(&title, "large", n, size).await?);
+        let title = format!("large: {n} × {} MiB", size / MIB);
+        let scenario = Scenario::new(Kind::Large, title, n, n as u64 * size);
+        report.scenarios.push(self.files_scenario(scenario, size).await?);
         Ok(())
     }
 
     async fn huge(&self, report: &mut Report) -> Result<()> {
         let size = self.params.huge_size;
-        let title = format!("one {} MiB file", size / MIB);
-        report.huge = Some(self.files_scenario(&title, "huge", 1, size).await?);
+        let title = format!("huge: one {} MiB file", size / MIB);
+        let scenario = Scenario::new(Kind::Huge, title, 1, size);
+        report.scenarios.push(self.files_scenario(scenario, size).await?);
         Ok(())
     }
 
-    /// `n` files of `size` bytes, one per message, sent to an idle worker;
-    /// `rounds` times, each with its own files, resources and fake-gcs.
-    async fn files_scenario(&self, title: &str, name: &str, n: usize, size: u64) -> Result<Large> {
-        let bytes = n as u64 * size;
-        let mut gcs_runs = Vec::new();
-        let mut worker_runs = Vec::new();
+    /// One file of `size` bytes per message, sent to an idle worker; `rounds`
+    /// times, each with its own files, resources and fake-gcs.
+    async fn files_scenario(&self, mut scenario: Scenario, size: u64) -> Result<Scenario> {
+        let (n, bytes) = (scenario.messages, scenario.bytes);
+        let name = scenario.kind.name();
         for round in 1..=self.params.rounds {
-            println!("\n# {title}, round {round}/{}", self.params.rounds);
+            println!("\n# {}, round {round}/{}", scenario.title, self.params.rounds);
             let files = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
             let inputs = write_large_inputs(&files, name, n, size).await?;
             let gcs = self
                 .gcs_ceiling(&format!("{name} GCS ceiling"), &inputs, Requests::Upload)
                 .await?;
             println!("{}", gcs.line(n, bytes));
-            gcs_runs.push(gcs);
             let worker = self
                 .worker(&format!("{name} worker"), &files, &inputs, bytes, Start::Idle)
                 .await?;
             println!("{}", worker.line(n, bytes));
-            worker_runs.push(worker);
+            scenario.rounds.push(Round {
+                gcs,
+                gcs_lookup: None,
+                pubsub: None,
+                pubsub_paced: None,
+                worker,
+            });
         }
-        // Memory: the worst round counts.
-        let peak_rss_kib = worker_runs.iter().filter_map(|r| r.peak_rss_kib).max();
-        let idle_rss_kib = worker_runs.iter().filter_map(|r| r.idle_rss_kib).max();
-        let mut worker = median(worker_runs);
-        worker.peak_rss_kib = peak_rss_kib;
-        worker.idle_rss_kib = idle_rss_kib;
-        Ok(Large {
-            messages: n,
-            size,
-            gcs: median(gcs_runs),
-            worker,
-        })
+        Ok(scenario)
     }
 
     /// Uploads every input's files straight to a fresh fake-gcs, `concurrency`
     /// messages at a time, both files of a message at once (as the worker does).
     ///
     /// With [`Requests::StatThenUpload`] each upload is preceded by a metadata
-    /// GET (404) as the worker's is; that run is a diagnostic, not a ceiling.
+    /// GET (404), the lookup the worker makes before uploads of 8 MiB or more;
+    /// that run is a diagnostic (what a lookup costs), not a ceiling.
     async fn gcs_ceiling(&self, label: &str, inputs: &[Input], requests: Requests) -> Result<Run> {
         let gcs = start_fake_gcs().await?;
         let rest = harness::GcsRest::new(&gcs.endpoint());
@@ -685,7 +676,7 @@ async fn storage_client(endpoint: &str) -> Result<Storage> {
 enum Requests {
     /// The upload alone.
     Upload,
-    /// A metadata GET first (the worker's "exists already?"), then the upload.
+    /// A metadata GET first ("exists already?"), then the upload.
     StatThenUpload,
 }
 
@@ -1121,6 +1112,15 @@ impl Cpu {
         }
     }
 
+    fn add(&mut self, other: &Cpu) {
+        self.worker += other.worker;
+        self.gcs += other.gcs;
+        self.pubsub += other.pubsub;
+        self.bench += other.bench;
+        self.machine_busy += other.machine_busy;
+        self.machine_total += other.machine_total;
+    }
+
     fn other(&self) -> f64 {
         (self.machine_busy - self.worker - self.gcs - self.pubsub - self.bench).max(0.0)
     }
@@ -1223,41 +1223,141 @@ impl Run {
     }
 }
 
-/// The run with the median time (of an odd count; the faster middle one of an even count).
-fn median(mut runs: Vec<Run>) -> Run {
-    runs.sort_by_key(|run| run.elapsed);
-    runs.swap_remove((runs.len() - 1) / 2)
+/// The median (the mean of the middle two of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
 }
 
-struct Small {
-    messages: usize,
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Small,
+    Large,
+    Huge,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Small => "small",
+            Kind::Large => "large",
+            Kind::Huge => "huge",
+        }
+    }
+}
+
+/// One round: the ceilings and the worker on the same files, back to back.
+struct Round {
     gcs: Run,
-    /// Diagnostic: the uploads with the worker's metadata GET before each.
-    gcs_stat: Run,
-    /// Diagnostic: the Pub/Sub relay with each message held as long as its uploads take.
-    pubsub_paced: Run,
-    pubsub: Run,
+    /// Diagnostic (small): the uploads each preceded by a lookup.
+    gcs_lookup: Option<Run>,
+    pubsub: Option<Run>,
+    /// Diagnostic (small): the Pub/Sub relay with each message held as long as its uploads took.
+    pubsub_paced: Option<Run>,
     worker: Run,
 }
 
-struct Large {
-    messages: usize,
-    size: u64,
-    gcs: Run,
-    worker: Run,
+impl Round {
+    /// Seconds of this round's ceiling: the slower of the GCS and the Pub/Sub ceiling.
+    fn ceiling_secs(&self) -> f64 {
+        let pubsub = self.pubsub.as_ref().map(Run::secs).unwrap_or(0.0);
+        self.gcs.secs().max(pubsub)
+    }
+
+    /// Worker throughput / ceiling throughput (the same work, so the inverse ratio of times).
+    fn ratio(&self) -> f64 {
+        self.ceiling_secs() / self.worker.secs()
+    }
+
+    fn runs(&self) -> impl Iterator<Item = &Run> {
+        [
+            Some(&self.gcs),
+            self.gcs_lookup.as_ref(),
+            self.pubsub.as_ref(),
+            self.pubsub_paced.as_ref(),
+            Some(&self.worker),
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
-impl Large {
-    fn mib_s(&self, run: &Run) -> f64 {
-        (self.messages as u64 * self.size) as f64 / MIB as f64 / run.secs()
+struct Scenario {
+    kind: Kind,
+    title: String,
+    messages: usize,
+    bytes: u64,
+    rounds: Vec<Round>,
+}
+
+impl Scenario {
+    fn new(kind: Kind, title: String, messages: usize, bytes: u64) -> Scenario {
+        Scenario {
+            kind,
+            title,
+            messages,
+            bytes,
+            rounds: Vec::new(),
+        }
+    }
+
+    /// The scenario's unit: messages/s for small messages, MiB/s for files.
+    fn rate(&self, secs: f64) -> f64 {
+        match self.kind {
+            Kind::Small => self.messages as f64 / secs,
+            Kind::Large | Kind::Huge => self.bytes as f64 / MIB as f64 / secs,
+        }
+    }
+
+    fn unit(&self) -> &'static str {
+        match self.kind {
+            Kind::Small => "msg/s",
+            Kind::Large | Kind::Huge => "MiB/s",
+        }
+    }
+
+    fn target(&self) -> f64 {
+        match self.kind {
+            Kind::Small => TARGET_SMALL,
+            Kind::Large | Kind::Huge => TARGET_LARGE,
+        }
+    }
+
+    /// The median over rounds of a run's rate.
+    fn median_rate(&self, run: impl Fn(&Round) -> Option<&Run>) -> f64 {
+        median(
+            self.rounds
+                .iter()
+                .filter_map(|round| run(round).map(|r| self.rate(r.secs())))
+                .collect(),
+        )
+    }
+
+    fn ratio(&self) -> f64 {
+        median(self.rounds.iter().map(Round::ratio).collect())
+    }
+
+    /// The worst round's value of a worker memory reading.
+    fn worst(&self, reading: impl Fn(&Run) -> Option<u64>) -> Option<f64> {
+        self.rounds
+            .iter()
+            .filter_map(|round| reading(&round.worker))
+            .max()
+            .map(|kib| kib as f64 / KIB as f64)
     }
 }
 
 #[derive(Default)]
 struct Report {
-    small: Option<Small>,
-    large: Option<Large>,
-    huge: Option<Large>,
+    scenarios: Vec<Scenario>,
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -1269,163 +1369,201 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "Concurrency {} (worker.concurrency and the ceilings' in-flight messages).\n",
-            params.concurrency
+            "Concurrency {} (worker.concurrency, and the ceilings' messages in flight). Rates are \
+             medians over {} rounds; worker / ceiling is the median of the rounds' ratios (each \
+             round runs its ceilings and the worker back to back on the same files).\n",
+            params.concurrency, params.rounds
         );
         let _ = writeln!(
             out,
             "| measurement | worker | ceiling | worker / ceiling | target | |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---|---|");
-        if let Some(small) = &self.small {
-            let rate = |run: &Run| small.messages as f64 / run.secs();
-            let (worker, gcs, pubsub) = (rate(&small.worker), rate(&small.gcs), rate(&small.pubsub));
-            let ceiling = gcs.min(pubsub);
-            let ratio = worker / ceiling;
-            let rounds = if params.rounds > 1 {
-                format!(", median of {} rounds", params.rounds)
-            } else {
-                String::new()
+        for scenario in &self.scenarios {
+            let worker = scenario.median_rate(|r| Some(&r.worker));
+            let gcs = scenario.median_rate(|r| Some(&r.gcs));
+            let ratio = scenario.ratio();
+            let target = scenario.target();
+            let (what, ceiling) = match scenario.kind {
+                Kind::Small => {
+                    let pubsub = scenario.median_rate(|r| r.pubsub.as_ref());
+                    (
+                        "messages/s, worker timed from its spawn (backlog published before) to the last event",
+                        format!("GCS {gcs:.1} ({:.1} objects/s); Pub/Sub {pubsub:.1}", gcs * 2.0),
+                    )
+                }
+                Kind::Large | Kind::Huge => (
+                    "MiB/s, worker timed from the first publish (worker idle) to the last event",
+                    format!("{gcs:.1}"),
+                ),
+            };
+            let target_text = match scenario.kind {
+                Kind::Small => format!("≥ {target:.2} of the lower ceiling"),
+                Kind::Large => format!("≥ {target:.2}"),
+                Kind::Huge => format!("(≥ {target:.2}, as large)"),
             };
             let _ = writeln!(
                 out,
-                "| small: {} × (64 KiB WAV + 8 KiB PNG), messages/s (worker: spawn → last event{rounds}) \
-                 | {worker:.1} | GCS {gcs:.1} ({:.1} objects/s); Pub/Sub {pubsub:.1} | {ratio:.2} of min | ≥ {TARGET_SMALL:.2} | {} |",
-                small.messages,
-                gcs * 2.0,
-                verdict(ratio >= TARGET_SMALL)
+                "| {}, {what} | {worker:.1} | {ceiling} | {ratio:.2} | {target_text} | {} |",
+                scenario.title,
+                verdict(ratio >= target)
             );
         }
-        if let Some(large) = &self.large {
-            let (worker, gcs) = (large.mib_s(&large.worker), large.mib_s(&large.gcs));
-            let ratio = worker / gcs;
+        let huge = self.scenarios.iter().find(|s| s.kind == Kind::Huge);
+        if let Some(huge) = huge
+            && let Some(peak) = huge.worst(|run| run.peak_rss_kib)
+        {
             let _ = writeln!(
                 out,
-                "| large: {} × {} MiB, MiB/s (first publish → last event) | {worker:.1} | {gcs:.1} | {ratio:.2} | ≥ {TARGET_LARGE:.2} | {} |",
-                large.messages,
-                large.size / MIB,
-                verdict(ratio >= TARGET_LARGE)
+                "| worker peak RSS (VmHWM) with the {} MiB file, worst round | {peak:.1} MiB | | | < {TARGET_PEAK_RSS_MIB:.0} MiB | {} |",
+                huge.bytes / MIB,
+                verdict(peak < TARGET_PEAK_RSS_MIB)
             );
-        }
-        if let Some(huge) = &self.huge {
-            let (worker, gcs) = (huge.mib_s(&huge.worker), huge.mib_s(&huge.gcs));
-            let ratio = worker / gcs;
-            let _ = writeln!(
-                out,
-                "| one {} MiB file, MiB/s (publish → event) | {worker:.1} | {gcs:.1} | {ratio:.2} | ≥ {TARGET_LARGE:.2} (as large) | {} |",
-                huge.size / MIB,
-                verdict(ratio >= TARGET_LARGE)
-            );
-            if let Some(peak) = huge.worker.peak_rss_kib {
-                let peak = peak as f64 / KIB as f64;
-                let _ = writeln!(
-                    out,
-                    "| worker peak RSS (VmHWM) uploading the {} MiB file | {peak:.1} MiB | | | < {TARGET_PEAK_RSS_MIB:.0} MiB | {} |",
-                    huge.size / MIB,
-                    verdict(peak < TARGET_PEAK_RSS_MIB)
-                );
-            }
         }
         let idle = self
-            .huge
-            .as_ref()
-            .and_then(|h| h.worker.idle_rss_kib)
-            .or_else(|| self.large.as_ref().and_then(|l| l.worker.idle_rss_kib));
+            .scenarios
+            .iter()
+            .filter_map(|s| s.worst(|run| run.idle_rss_kib))
+            .reduce(f64::max);
         if let Some(idle) = idle {
-            let idle = idle as f64 / KIB as f64;
             let _ = writeln!(
                 out,
-                "| worker idle RSS (VmRSS {} s after ready) | {idle:.1} MiB | | | < {TARGET_IDLE_RSS_MIB:.0} MiB | {} |",
+                "| worker idle RSS (VmRSS {} s after ready), worst round | {idle:.1} MiB | | | < {TARGET_IDLE_RSS_MIB:.0} MiB | {} |",
                 IDLE_SETTLE.as_secs(),
                 verdict(idle < TARGET_IDLE_RSS_MIB)
             );
         }
-        let others: Vec<String> = [
-            self.small.as_ref().map(|s| ("small", &s.worker)),
-            self.large.as_ref().map(|l| ("large", &l.worker)),
-        ]
-        .into_iter()
-        .flatten()
-        .filter_map(|(name, run)| {
-            run.peak_rss_kib
-                .map(|peak| format!("{name} {:.1} MiB", peak as f64 / KIB as f64))
-        })
-        .collect();
-        if !others.is_empty() {
+        let peaks: Vec<String> = self
+            .scenarios
+            .iter()
+            .filter(|s| s.kind != Kind::Huge)
+            .filter_map(|s| {
+                s.worst(|run| run.peak_rss_kib)
+                    .map(|peak| format!("{} {peak:.1} MiB", s.kind.name()))
+            })
+            .collect();
+        if !peaks.is_empty() {
             let _ = writeln!(
                 out,
-                "\nWorker peak RSS in the other scenarios: {}.",
-                others.join(", ")
+                "\nWorker peak RSS in the other scenarios (worst round): {}.",
+                peaks.join(", ")
             );
         }
-        if let Some(small) = &self.small {
-            let rate = |run: &Run| small.messages as f64 / run.secs();
+        if let Some(small) = self.scenarios.iter().find(|s| s.kind == Kind::Small) {
+            let lookup = small.median_rate(|r| r.gcs_lookup.as_ref());
+            let gcs = small.median_rate(|r| Some(&r.gcs));
+            let paced = small.median_rate(|r| r.pubsub_paced.as_ref());
+            let cpu = |run: fn(&Round) -> Option<&Run>| {
+                median(
+                    small
+                        .rounds
+                        .iter()
+                        .filter_map(|r| run(r).map(|r| r.cpu.pubsub))
+                        .collect(),
+                )
+            };
             let _ = writeln!(
                 out,
-                "\nDiagnostic, small: the GCS uploads each preceded by the worker's metadata GET \
-                 (\"exists already?\", 404): {:.1} messages/s, {:.2} of the upload-only ceiling.",
-                rate(&small.gcs_stat),
-                rate(&small.gcs_stat) / rate(&small.gcs)
-            );
-            let _ = writeln!(
-                out,
-                "Diagnostic, small: the Pub/Sub relay with each message held as long as its stat+upload \
-                 took: {:.1} messages/s, the emulator using {:.2} CPU-s (unpaced: {:.2}).",
-                rate(&small.pubsub_paced),
-                small.pubsub_paced.cpu.pubsub,
-                small.pubsub.cpu.pubsub
+                "\nDiagnostics, small (medians): the GCS uploads each preceded by a lookup (metadata \
+                 GET, 404; the worker makes one before uploads of 8 MiB or more): {lookup:.1} msg/s, \
+                 {:.2} of the upload-only ceiling. The Pub/Sub relay with each message held as long \
+                 as its uploads took: {paced:.1} msg/s, the emulator using {:.2} CPU-s (unpaced: {:.2}).",
+                lookup / gcs,
+                cpu(|r| r.pubsub_paced.as_ref()),
+                cpu(|r| r.pubsub.as_ref()),
             );
         }
         out
     }
 
-    fn cpu_table(&self) -> String {
-        let mut runs: Vec<&Run> = Vec::new();
-        if let Some(small) = &self.small {
-            runs.extend([
-                &small.gcs,
-                &small.gcs_stat,
-                &small.pubsub,
-                &small.pubsub_paced,
-                &small.worker,
-            ]);
+    /// Every round: the worker, the ceilings, the ratio and the CPU that others used.
+    fn rounds_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "Every round (\"others\": CPU-s used by processes outside the benchmark during the \
+             worker's run, e.g. concurrent builds):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| scenario | round | worker | GCS ceiling | Pub/Sub ceiling | worker / ceiling | others |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+        for scenario in &self.scenarios {
+            let unit = scenario.unit();
+            for (i, round) in scenario.rounds.iter().enumerate() {
+                let pubsub = round
+                    .pubsub
+                    .as_ref()
+                    .map(|r| format!("{:.1} {unit}", scenario.rate(r.secs())))
+                    .unwrap_or_else(|| "–".into());
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.1} {unit} | {:.1} {unit} | {pubsub} | {:.2} | {:.2} |",
+                    scenario.kind.name(),
+                    i + 1,
+                    scenario.rate(round.worker.secs()),
+                    scenario.rate(round.gcs.secs()),
+                    round.ratio(),
+                    round.worker.cpu.other()
+                );
+            }
         }
-        for large in [&self.large, &self.huge].into_iter().flatten() {
-            runs.extend([&large.gcs, &large.worker]);
+        out
+    }
+
+    /// CPU per process, summed over the rounds of each measurement.
+    fn cpu_table(&self) -> String {
+        let mut totals: Vec<(String, f64, Cpu)> = Vec::new();
+        let mut add =
+            |label: String, secs: f64, cpu: &Cpu| match totals.iter_mut().find(|(l, _, _)| *l == label) {
+                Some((_, total_secs, total)) => {
+                    *total_secs += secs;
+                    total.add(cpu);
+                }
+                None => totals.push((label, secs, *cpu)),
+            };
+        for scenario in &self.scenarios {
+            for round in &scenario.rounds {
+                for run in round.runs() {
+                    if let Some(idle) = &run.idle_cpu {
+                        let label = format!(
+                            "{} (idle {} s, before the messages)",
+                            run.label,
+                            IDLE_SETTLE.as_secs()
+                        );
+                        add(label, IDLE_SETTLE.as_secs_f64(), idle);
+                    }
+                    add(run.label.clone(), run.secs(), &run.cpu);
+                }
+            }
         }
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "CPU seconds during each measurement (2 cores = 2 CPU-s per wall second; \
-             \"other\" is the rest of the machine, e.g. concurrent builds):\n"
+            "CPU seconds per process, summed over the rounds (2 cores = 2 CPU-s per wall second; \
+             \"others\" is the rest of the machine):\n"
         );
         let _ = writeln!(
             out,
-            "| measurement | wall s | worker | fake-gcs | Pub/Sub emulator | bench process | other | machine busy |"
+            "| measurement | wall s | worker | fake-gcs | Pub/Sub emulator | bench process | others | machine busy |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
-        let mut row = |label: &str, secs: f64, cpu: &Cpu| {
-            let cores = if cpu.machine_total > 0.0 {
+        for (label, secs, cpu) in totals {
+            let busy = if cpu.machine_total > 0.0 {
                 cpu.machine_busy / cpu.machine_total * 100.0
             } else {
                 0.0
             };
             let _ = writeln!(
                 out,
-                "| {label} | {secs:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {cores:.0} % |",
+                "| {label} | {secs:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {busy:.0} % |",
                 cpu.worker,
                 cpu.gcs,
                 cpu.pubsub,
                 cpu.bench,
                 cpu.other()
             );
-        };
-        for run in runs {
-            if let Some(idle) = &run.idle_cpu {
-                let label = format!("{} (idle, before the messages)", run.label);
-                row(&label, IDLE_SETTLE.as_secs_f64(), idle);
-            }
-            row(&run.label, run.secs(), &run.cpu);
         }
         out
     }
