@@ -1201,7 +1201,7 @@ impl Run {
 
     fn line(&self, messages: usize, bytes: u64) -> String {
         let mut line = format!(
-            "{:<22} {:>8.2} s  {:>8.1} msg/s  {:>8.1} MiB/s",
+            "{:<24} {:>8.2} s  {:>8.1} msg/s  {:>8.1} MiB/s",
             self.label,
             self.secs(),
             messages as f64 / self.secs(),
