@@ -154,9 +154,6 @@ fn source_kind(error: &SourceError) -> ErrorKind {
         SourceError::Unsupported(_) | SourceError::NotAFile(_) => ErrorKind::UnsupportedSource,
         SourceError::NotAllowed(_) => ErrorKind::SourceNotAllowed,
         SourceError::Missing(_) => ErrorKind::SourceMissing,
-        SourceError::Unreadable { error, .. } if error.kind() == std::io::ErrorKind::PermissionDenied => {
-            ErrorKind::SourceUnreadable
-        }
         SourceError::Unreadable { .. } => ErrorKind::SourceUnreadable,
     }
 }
