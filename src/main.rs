@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use audio_store::config::{ConfigError, Environment, Settings};
 use audio_store::publish::ProcessedMessage;
-use audio_store::replay::{self, ReplayError, ReplayOptions};
+use audio_store::replay::{self, ReplayError, ReplayOptions, Reporter};
 use audio_store::{publish, setup, telemetry, worker};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
@@ -189,17 +189,13 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
                 dry_run,
                 idle,
             };
-            let summary = if output == "json" {
-                let mut reporter = replay::JsonReporter;
-                let summary = replay::run(&settings, &options, &mut reporter).await?;
-                reporter.finish(&summary);
-                summary
+            let mut reporter: Box<dyn Reporter> = if output == "json" {
+                Box::new(replay::JsonReporter)
             } else {
-                let mut reporter = replay::TextReporter::new();
-                let summary = replay::run(&settings, &options, &mut reporter).await?;
-                reporter.finish(&summary);
-                summary
+                Box::new(replay::TextReporter::new())
             };
+            let summary = replay::run(&settings, &options, reporter.as_mut()).await?;
+            reporter.finish(&summary);
             if summary.failed > 0 {
                 return Ok(ExitCode::FAILURE);
             }

@@ -111,6 +111,9 @@ pub enum ReplayError {
 pub trait Reporter {
     /// One message was handled.
     fn entry(&mut self, entry: &Entry);
+
+    /// The run is over.
+    fn finish(&self, summary: &Summary);
 }
 
 /// Runs a replay until the subscription is drained (idle) or the limit is reached.
@@ -393,18 +396,6 @@ impl TextReporter {
         });
         TextReporter { bar }
     }
-
-    /// Prints the summary line.
-    pub fn finish(&self, summary: &Summary) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-        let verb = if summary.dry_run { "would move" } else { "moved" };
-        println!(
-            "{verb} {}, skipped {}, failed {}",
-            summary.moved, summary.skipped, summary.failed
-        );
-    }
 }
 
 impl Default for TextReporter {
@@ -414,6 +405,17 @@ impl Default for TextReporter {
 }
 
 impl Reporter for TextReporter {
+    fn finish(&self, summary: &Summary) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        let verb = if summary.dry_run { "would move" } else { "moved" };
+        println!(
+            "{verb} {}, skipped {}, failed {}",
+            summary.moved, summary.skipped, summary.failed
+        );
+    }
+
     fn entry(&mut self, entry: &Entry) {
         let action = match entry.action {
             Action::Moved => "moved",
@@ -451,14 +453,11 @@ impl Reporter for TextReporter {
 #[derive(Debug, Default)]
 pub struct JsonReporter;
 
-impl JsonReporter {
-    /// Prints the summary object.
-    pub fn finish(&self, summary: &Summary) {
+impl Reporter for JsonReporter {
+    fn finish(&self, summary: &Summary) {
         println!("{}", serde_json::json!({ "summary": summary }));
     }
-}
 
-impl Reporter for JsonReporter {
     fn entry(&mut self, entry: &Entry) {
         println!(
             "{}",
