@@ -13,10 +13,11 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use google_cloud_auth::credentials::{CacheableResource, Credentials};
 use google_cloud_gax::retry_policy::RetryPolicyExt as _;
+use google_cloud_storage::builder::storage::WriteObject;
 use google_cloud_storage::client::Storage;
 use google_cloud_storage::read_object::ReadObjectResponse;
 use google_cloud_storage::retry_policy::RetryableErrors;
-use google_cloud_storage::streaming_source::{Seek, SizeHint, StreamingSource};
+use google_cloud_storage::streaming_source::{Payload, Seek, SizeHint, StreamingSource};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio::io::AsyncReadExt as _;
@@ -254,12 +255,7 @@ impl Store {
 
     /// Any object's properties, if it exists.
     pub async fn object(&self, bucket: &str, name: &str) -> Result<Option<ObjectInfo>, StoreError> {
-        let url = format!(
-            "{}/storage/v1/b/{}/o/{}",
-            self.json_base,
-            encode(bucket),
-            encode(name)
-        );
+        let url = self.object_url(bucket, name);
         let failed = |cause: StoreCause| StoreError {
             operation: "stat",
             target: uri(bucket, name),
@@ -297,28 +293,19 @@ impl Store {
             cause,
         };
         let mut verify_with = file.try_clone().await.map_err(|e| failed(e.into()))?;
-        let request = |payload| {
-            self.client
-                .write_object(
-                    format!("projects/_/buckets/{}", self.bucket),
-                    object.name,
-                    payload,
-                )
-                .set_if_generation_match(0)
-                .set_content_type(object.content_type)
-                .set_metadata(object.metadata.clone())
-        };
         let (result, expected) = if size < RESUMABLE_THRESHOLD {
             // One request; the server verifies the checksum we send along.
             let crc32c = crc32c_of(&mut file).await.map_err(failed)?;
-            let upload = request(HashingFile::new(file).0)
+            let upload = self
+                .conditional_write(object, file)
                 .with_known_crc32c(crc32c)
                 .send_unbuffered();
             (Box::pin(upload).await, Some(crc32c))
         } else {
             // One streamed pass, hashed as it is read.
             let (source, hash) = HashingFile::new(file);
-            let upload = request(source)
+            let upload = self
+                .conditional_write(object, source)
                 .with_checksum_precomputation(false)
                 .send_unbuffered();
             let result = Box::pin(upload).await;
@@ -384,11 +371,7 @@ impl Store {
             response: tokio::sync::Mutex::new(staging.response),
         };
         let upload = self
-            .client
-            .write_object(format!("projects/_/buckets/{}", self.bucket), object.name, source)
-            .set_if_generation_match(0)
-            .set_content_type(object.content_type)
-            .set_metadata(object.metadata.clone())
+            .conditional_write(object, source)
             .with_known_crc32c(crc32c)
             .send_buffered();
         // The SDK's upload futures are large; keep them off the stack.
@@ -406,12 +389,7 @@ impl Store {
 
     /// Deletes `bucket/name` if it is still at `generation`; an already-deleted object is fine.
     pub async fn delete(&self, bucket: &str, name: &str, generation: i64) -> Result<(), StoreError> {
-        let url = format!(
-            "{}/storage/v1/b/{}/o/{}",
-            self.json_base,
-            encode(bucket),
-            encode(name)
-        );
+        let url = self.object_url(bucket, name);
         let failed = |cause: StoreCause| StoreError {
             operation: "delete",
             target: uri(bucket, name),
@@ -447,6 +425,32 @@ impl Store {
         }
         checked(response).await.map_err(failed)?;
         Ok(true)
+    }
+
+    /// A write of `object` into the archive that fails with 412 if the name is taken.
+    fn conditional_write<T, P>(&self, object: &NewObject<'_>, payload: T) -> WriteObject<P>
+    where
+        T: Into<Payload<P>>,
+    {
+        self.client
+            .write_object(
+                format!("projects/_/buckets/{}", self.bucket),
+                object.name,
+                payload,
+            )
+            .set_if_generation_match(0)
+            .set_content_type(object.content_type)
+            .set_metadata(object.metadata.clone())
+    }
+
+    /// The JSON API URL of `bucket/name`.
+    fn object_url(&self, bucket: &str, name: &str) -> String {
+        format!(
+            "{}/storage/v1/b/{}/o/{}",
+            self.json_base,
+            encode(bucket),
+            encode(name)
+        )
     }
 
     /// Checks a freshly written object against the source's size and CRC32C;
