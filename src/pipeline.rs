@@ -150,15 +150,19 @@ impl Pipeline {
         );
         let started = std::time::Instant::now();
         let _in_flight = self.metrics.start_message();
-        let outcome = Box::pin(self.handle_in_span(envelope, delivery))
+        let outcome = Box::pin(self.handle_in_span(envelope, delivery, started))
             .instrument(span)
             .await;
         self.metrics.record(&outcome, started.elapsed());
         outcome
     }
 
-    async fn handle_in_span(&self, envelope: Envelope, delivery: Delivery) -> Outcome {
-        let started = std::time::Instant::now();
+    async fn handle_in_span(
+        &self,
+        envelope: Envelope,
+        delivery: Delivery,
+        started: std::time::Instant,
+    ) -> Outcome {
         let result = match AudioMessage::parse(&envelope, &self.settings.storage.staging_buckets) {
             Ok(message) => {
                 tracing::Span::current().record("audio_id", tracing::field::display(message.audio_id));
