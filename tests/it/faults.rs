@@ -3,7 +3,7 @@
 
 use crate::harness::{FakeGcs, TestEnv, crc32c_base64, crc32c_file, sample_png, sample_wav, write_large_wav};
 use crate::proxy::FaultProxy;
-use crate::support::{Worker, audio_id_for, event_json, settings};
+use crate::support::{Worker, audio_id_for, event_strings, settings};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -54,15 +54,7 @@ async fn all_stored_exactly_once(
         .collect(&env.stored_subscription, messages, timeout)
         .await?;
     ensure!(events.len() == messages, "{} of {messages} events", events.len());
-    let mut ids: Vec<String> = events
-        .iter()
-        .map(|e| {
-            Ok(event_json(e)?["audio_id"]
-                .as_str()
-                .context("audio_id")?
-                .to_string())
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let mut ids: Vec<String> = event_strings(&events, "/audio_id")?;
     ids.sort();
     ids.dedup();
     ensure!(

@@ -140,3 +140,18 @@ pub async fn signal(child: &tokio::process::Child, signal: &str) -> anyhow::Resu
     anyhow::ensure!(status.success(), "kill {signal} {pid}");
     Ok(())
 }
+
+/// The string at JSON `pointer` (e.g. `/audio_id`, `/audio/generation`) of every event.
+pub fn event_strings(events: &[Received], pointer: &str) -> anyhow::Result<Vec<String>> {
+    events
+        .iter()
+        .map(|event| {
+            let json = event_json(event)?;
+            Ok(json
+                .pointer(pointer)
+                .and_then(|value| value.as_str())
+                .with_context(|| format!("{pointer} in {json}"))?
+                .to_string())
+        })
+        .collect()
+}

@@ -3,7 +3,7 @@
 use crate::harness::{
     TestEnv, crc32c_base64, crc32c_file, sample_png, sample_wav, wait_for, write_large_wav,
 };
-use crate::support::{Worker, audio_id_for, event_json, settings};
+use crate::support::{Worker, audio_id_for, event_json, event_strings, settings};
 use anyhow::{Context as _, ensure};
 use audio_store::error::ErrorKind;
 use serde_json::json;
@@ -250,25 +250,9 @@ async fn the_same_id_published_twice_yields_one_audio_id_and_one_object_set() ->
         extra.len()
     );
 
-    let audio_ids: BTreeSet<String> = events
-        .iter()
-        .map(|e| {
-            Ok(event_json(e)?["audio_id"]
-                .as_str()
-                .context("audio_id")?
-                .to_string())
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let audio_ids: BTreeSet<String> = event_strings(&events, "/audio_id")?.into_iter().collect();
     assert_eq!(audio_ids, BTreeSet::from([audio_id_for("same-id")]));
-    let generations: BTreeSet<String> = events
-        .iter()
-        .map(|e| {
-            Ok(event_json(e)?["audio"]["generation"]
-                .as_str()
-                .context("generation")?
-                .to_string())
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let generations: BTreeSet<String> = event_strings(&events, "/audio/generation")?.into_iter().collect();
     assert_eq!(
         generations.len(),
         1,
@@ -276,15 +260,9 @@ async fn the_same_id_published_twice_yields_one_audio_id_and_one_object_set() ->
     );
     let objects = env.gcs.list(&env.bucket, "").await?;
     assert_eq!(objects.len(), 2, "one object set: {objects:?}");
-    let thumbnails: BTreeSet<String> = events
-        .iter()
-        .map(|e| {
-            Ok(event_json(e)?["thumbnail"]["generation"]
-                .as_str()
-                .context("generation")?
-                .to_string())
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let thumbnails: BTreeSet<String> = event_strings(&events, "/thumbnail/generation")?
+        .into_iter()
+        .collect();
     assert_eq!(
         thumbnails.len(),
         1,
