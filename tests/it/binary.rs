@@ -137,7 +137,7 @@ async fn setup_creates_topics_subscriptions_and_bucket_and_is_idempotent() -> an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_and_run_as_processes_store_a_message_and_sigterm_exits_0() -> anyhow::Result<()> {
+async fn publish_and_run_as_processes_store_a_message_and_ctrl_c_exits_0() -> anyhow::Result<()> {
     let env = TestEnv::new();
     let environment = environment(&env, &[]);
     let setup = run(&environment, &["setup"]).await?;
@@ -181,10 +181,10 @@ async fn publish_and_run_as_processes_store_a_message_and_sigterm_exits_0() -> a
         .collect(&env.stored_subscription, 1, Duration::from_secs(60))
         .await?;
 
-    signal(&worker, "-TERM").await?;
+    signal(&worker, "-INT").await?;
     let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
         .await
-        .context("the worker did not exit within 30 s of SIGTERM")??;
+        .context("the worker did not exit within 30 s of SIGINT (Ctrl-C)")??;
     let mut log = String::new();
     if let Some(mut stderr) = worker.stderr.take() {
         tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut log).await?;
