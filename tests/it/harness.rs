@@ -1193,6 +1193,45 @@ impl PubsubRest {
         self.seek_to_snapshot(subscription, &snapshot).await?;
         self.delete_snapshot(&snapshot).await
     }
+
+    /// Pulls and acks the un-acked messages of `subscription` that a closed
+    /// streaming pull left leased, releasing the leases again until `count`
+    /// distinct messages arrived or `timeout` passed (one seek does not always
+    /// free them on the emulator); then keeps releasing and pulling for two
+    /// seconds so that any more would show. Returns each message once.
+    pub async fn recover_unacked(
+        &self,
+        subscription: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Received>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut received: Vec<Received> = Vec::new();
+        let mut quiet_until = None;
+        loop {
+            self.release_leases(subscription).await?;
+            let batch = self.pull(subscription, 100).await?;
+            let ack_ids: Vec<String> = batch.iter().map(|m| m.ack_id.clone()).collect();
+            if !ack_ids.is_empty() {
+                self.ack(subscription, &ack_ids).await?;
+            }
+            for message in batch {
+                if !received.iter().any(|seen| seen.message_id == message.message_id) {
+                    received.push(message);
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if received.len() >= count {
+                let until = *quiet_until.get_or_insert(now + Duration::from_secs(2));
+                if now >= until {
+                    return Ok(received);
+                }
+            } else if now >= deadline {
+                return Ok(received);
+            }
+            tokio::time::sleep(POLL_INTERVAL * 2).await;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

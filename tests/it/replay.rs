@@ -150,10 +150,9 @@ async fn a_dry_run_lists_what_would_move_and_moves_nothing() -> anyhow::Result<(
 
     // They are all still in the dead-letter subscription. (The emulator keeps messages
     // released by a closed streaming pull leased to it; releasing the leases frees them.)
-    env.pubsub.release_leases(&env.dead_letter_subscription).await?;
     let left = env
         .pubsub
-        .drain_for(&env.dead_letter_subscription, Duration::from_secs(2))
+        .recover_unacked(&env.dead_letter_subscription, 2, TIMEOUT)
         .await?;
     assert_eq!(left.len(), 2, "{left:?}");
     Ok(())
@@ -211,12 +210,10 @@ async fn the_error_kind_filter_and_the_limit_move_only_what_they_select() -> any
     }
 
     // Left behind, untouched: one source_missing and the bad_content one.
-    let remaining = wait_for("the messages left behind", TIMEOUT, || async {
-        env.pubsub.release_leases(&env.dead_letter_subscription).await?;
-        let pulled = env.pubsub.pull(&env.dead_letter_subscription, 10).await?;
-        Ok((pulled.len() >= 2).then_some(pulled))
-    })
-    .await?;
+    let remaining = env
+        .pubsub
+        .recover_unacked(&env.dead_letter_subscription, 2, TIMEOUT)
+        .await?;
     let mut left: Vec<(String, String)> = remaining
         .iter()
         .map(|message| {
