@@ -15,12 +15,11 @@ use crate::layout::{Date, Kind};
 use crate::message::{AudioMessage, Envelope};
 use crate::metrics::Metrics;
 use crate::pubsub::{Delivery, Outbox};
-use crate::source::{self, Source, SourceError};
-use crate::store::{self, NewObject, ObjectInfo, StagingObject, Store, StoreError, Written};
+use crate::source::{self, LocalContent, LocalFile, Source, SourceError};
+use crate::store::{self, LocalPayload, NewObject, ObjectInfo, StagingObject, Store, StoreError, Written};
 use backon::{ExponentialBuilder, Retryable as _};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use tokio::io::AsyncReadExt as _;
 use tracing::{Instrument as _, info, warn};
 
 /// How one message ended.
@@ -68,13 +67,8 @@ struct Part {
 
 /// One file of a message, checked and ready to store.
 enum Prepared {
-    /// A local file, open, rewound.
-    Local {
-        target: Target,
-        file: tokio::fs::File,
-        path: std::path::PathBuf,
-        size: u64,
-    },
+    /// A local file, read or open.
+    Local { target: Target, file: LocalFile },
     /// A staging object being read, its head buffered.
     Staging { target: Target, staging: StagingObject },
     /// The source is gone but its object is in the archive (a crash after cleanup).
@@ -289,27 +283,18 @@ impl Pipeline {
         source: &Source,
     ) -> Result<Prepared, Failure> {
         match source {
-            Source::Local(path) => match source::open_local(path, &self.settings.sources.local_roots).await {
-                Ok(local) => {
-                    let source::LocalFile { path, size, mut file } = local;
-                    let mut head = Vec::with_capacity(content::SNIFF_LEN);
-                    let read = async {
-                        (&mut file)
-                            .take(content::SNIFF_LEN as u64)
-                            .read_to_end(&mut head)
-                            .await?;
-                        tokio::io::AsyncSeekExt::rewind(&mut file).await
-                    };
-                    read.await.map_err(|error| SourceError::Unreadable {
-                        path: path.display().to_string(),
-                        error,
-                    })?;
-                    let content_type = checked_content(kind, source, &head, size)?;
+            Source::Local(path) => match source::open_local(
+                path,
+                &self.settings.sources.local_roots,
+                store::RESUMABLE_THRESHOLD,
+            )
+            .await
+            {
+                Ok(file) => {
+                    let content_type = checked_content(kind, source, file.head(), file.size)?;
                     Ok(Prepared::Local {
                         target: self.target(message, kind, source, content_type),
                         file,
-                        path,
-                        size,
                     })
                 }
                 Err(SourceError::Missing(what)) => self
@@ -339,25 +324,34 @@ impl Pipeline {
     async fn commit(&self, prepared: Prepared) -> Result<Part, Failure> {
         match prepared {
             Prepared::Stored(part) => Ok(part),
-            Prepared::Local {
-                target,
-                file,
-                path,
-                size,
-            } => {
+            Prepared::Local { target, file } => {
+                let LocalFile {
+                    path,
+                    size,
+                    crc32c,
+                    content,
+                } = file;
                 let cleanup = Some(Cleanup::Local(path.clone()));
+                let mut payload = match content {
+                    LocalContent::Read(bytes) => LocalPayload::Bytes(bytes),
+                    LocalContent::Open { file, .. } => LocalPayload::File(file),
+                };
                 if let Some(existing) = self.existing_before_upload(&target, size).await? {
-                    let crc32c = hash_file(file, &path).await?;
+                    let crc32c = local_crc32c(&path, crc32c, Some(&mut payload)).await?;
                     return self.existing_part(existing, crc32c, target.content_type, cleanup);
                 }
-                match self.store.upload_file(file, size, &target.new_object()).await? {
+                match self
+                    .store
+                    .upload_local(payload, size, crc32c, &target.new_object())
+                    .await?
+                {
                     Written::Created(info) => {
                         Ok(created_part(&self.metrics, info, target.content_type, cleanup))
                     }
                     Written::AlreadyExists => {
                         // Lost a race with another delivery of the same message: compare with what it wrote.
                         let existing = self.archived_after_conflict(&target.name).await?;
-                        let crc32c = hash_file(source::reopen(&path).await?, &path).await?;
+                        let crc32c = local_crc32c(&path, crc32c, None).await?;
                         self.existing_part(existing, crc32c, target.content_type, cleanup)
                     }
                 }
@@ -507,25 +501,44 @@ impl Pipeline {
 
     /// Deletes the sources; failures are logged, never fatal (the data is safe in the archive).
     async fn clean_up(&self, cleanups: &[Cleanup]) {
+        let local: Vec<std::path::PathBuf> = cleanups
+            .iter()
+            .filter_map(|cleanup| match cleanup {
+                Cleanup::Local(path) => Some(path.clone()),
+                Cleanup::Staging { .. } => None,
+            })
+            .collect();
+        // The local files go in one trip to the blocking pool.
+        let removed = (!local.is_empty()).then(|| {
+            tokio::task::spawn_blocking(move || {
+                local
+                    .iter()
+                    .filter_map(|path| match std::fs::remove_file(path) {
+                        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                            Some(format!("{}: {error}", path.display()))
+                        }
+                        _ => None,
+                    })
+                    .collect::<Vec<String>>()
+            })
+        });
+        let mut errors = match removed {
+            Some(task) => task.await.unwrap_or_else(|error| vec![error.to_string()]),
+            None => Vec::new(),
+        };
         for cleanup in cleanups {
-            let result = match cleanup {
-                Cleanup::Local(path) => match tokio::fs::remove_file(path).await {
-                    Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error.to_string()),
-                    _ => Ok(()),
-                },
-                Cleanup::Staging {
-                    bucket,
-                    name,
-                    generation,
-                } => self
-                    .store
-                    .delete(bucket, name, *generation)
-                    .await
-                    .map_err(|error| error.to_string()),
-            };
-            if let Err(error) = result {
-                warn!(%error, "stored and acked, but the source could not be removed");
+            if let Cleanup::Staging {
+                bucket,
+                name,
+                generation,
+            } = cleanup
+                && let Err(error) = self.store.delete(bucket, name, *generation).await
+            {
+                errors.push(error.to_string());
             }
+        }
+        for error in errors {
+            warn!(%error, "stored and acked, but the source could not be removed");
         }
     }
 
@@ -584,9 +597,25 @@ fn dead_letter_attributes(envelope: &Envelope, failure: &Failure) -> Vec<(String
     attributes.into_iter().collect()
 }
 
-/// CRC32C of a local source, for comparing with an existing object.
-async fn hash_file(mut file: tokio::fs::File, path: &std::path::Path) -> Result<u32, Failure> {
-    store::crc32c_of(&mut file).await.map_err(|cause| {
+/// CRC32C of a local source, for comparing with an existing object: the one
+/// known since it was opened, or read from `payload`, or from the file
+/// reopened (when its payload went to an upload).
+async fn local_crc32c(
+    path: &std::path::Path,
+    known: Option<u32>,
+    payload: Option<&mut LocalPayload>,
+) -> Result<u32, Failure> {
+    let mut reopened;
+    let file = match (known, payload) {
+        (Some(crc32c), _) => return Ok(crc32c),
+        (None, Some(LocalPayload::Bytes(bytes))) => return Ok(crc32c::crc32c(bytes)),
+        (None, Some(LocalPayload::File(file))) => file,
+        (None, None) => {
+            reopened = source::reopen(path).await?;
+            &mut reopened
+        }
+    };
+    store::crc32c_of(file).await.map_err(|cause| {
         Failure::from(StoreError {
             operation: "hash",
             target: path.display().to_string(),

@@ -110,30 +110,81 @@ impl fmt::Display for Source {
     }
 }
 
+/// Files no larger than this are read whole by [`open_local`], in the same
+/// blocking call that checks and opens them; larger ones are streamed. One
+/// read buffer's worth, so memory per file is the same either way.
+pub const IN_MEMORY_LIMIT: u64 = 256 * 1024;
+/// Read size when hashing a file.
+const READ_SIZE: usize = 256 * 1024;
+
 /// A local source checked against the roots and opened: a regular file inside one of them.
 #[derive(Debug)]
 pub struct LocalFile {
     /// The canonical path (symlinks resolved); the only path that is read or deleted.
     pub path: PathBuf,
-    /// Size in bytes when it was opened.
+    /// Size in bytes: what was read for a file in memory, the size when opened otherwise.
     pub size: u64,
-    /// The open file, positioned at its start.
-    pub file: tokio::fs::File,
+    /// CRC32C of the content, if it was hashed on opening (see [`open_local`]).
+    pub crc32c: Option<u32>,
+    /// The bytes, or the open file.
+    pub content: LocalContent,
 }
 
-/// Resolves `path`, checks that it lies inside one of `roots`, and opens it as a regular file.
+/// What [`open_local`] hands on of a file.
+#[derive(Debug)]
+pub enum LocalContent {
+    /// The whole file (at most [`IN_MEMORY_LIMIT`] bytes).
+    Read(bytes::Bytes),
+    /// A larger file, positioned at its start, and its first bytes for sniffing.
+    Open {
+        /// The open file.
+        file: tokio::fs::File,
+        /// Up to [`content::SNIFF_LEN`](crate::content::SNIFF_LEN) leading bytes.
+        head: Vec<u8>,
+    },
+}
+
+impl LocalFile {
+    /// The leading bytes to sniff the content type from.
+    pub fn head(&self) -> &[u8] {
+        match &self.content {
+            LocalContent::Read(bytes) => &bytes[..bytes.len().min(crate::content::SNIFF_LEN)],
+            LocalContent::Open { head, .. } => head,
+        }
+    }
+}
+
+/// Resolves `path`, checks that it lies inside one of `roots`, opens it as a
+/// regular file and reads its head, or all of it if it is small. Files
+/// smaller than `hash_below` bytes are hashed (CRC32C) on the way.
 ///
 /// Roots are canonicalised too, so a root that is itself a symlink works.
 /// The file is opened without following a symlink in its last component and
 /// without blocking (a FIFO swapped in after the check cannot hang the
-/// worker), and the opened handle itself must be a regular file.
-pub async fn open_local(path: &Path, roots: &[PathBuf]) -> Result<LocalFile, SourceError> {
+/// worker), and the opened handle itself must be a regular file. All of it
+/// happens in one trip to the blocking pool.
+pub async fn open_local(path: &Path, roots: &[PathBuf], hash_below: u64) -> Result<LocalFile, SourceError> {
+    let (owned_path, roots) = (path.to_path_buf(), roots.to_vec());
+    tokio::task::spawn_blocking(move || open_local_blocking(&owned_path, &roots, hash_below))
+        .await
+        .unwrap_or_else(|error| {
+            Err(SourceError::Unreadable {
+                path: path.display().to_string(),
+                error: std::io::Error::other(error),
+            })
+        })
+}
+
+fn open_local_blocking(path: &Path, roots: &[PathBuf], hash_below: u64) -> Result<LocalFile, SourceError> {
+    use std::io::{Read as _, Seek as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+
     let display = path.display().to_string();
-    let canonical = match tokio::fs::canonicalize(path).await {
+    let canonical = match std::fs::canonicalize(path) {
         Ok(canonical) => canonical,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             // A dangling symlink or a missing file: only "missing" if it would be allowed.
-            return Err(if inside_any(path, roots).await {
+            return Err(if inside_any(path, roots) {
                 SourceError::Missing(display)
             } else {
                 SourceError::NotAllowed(format!("{display} is outside sources.local_roots"))
@@ -141,7 +192,7 @@ pub async fn open_local(path: &Path, roots: &[PathBuf]) -> Result<LocalFile, Sou
         }
         Err(error) => return Err(SourceError::Unreadable { path: display, error }),
     };
-    if !inside_any(&canonical, roots).await {
+    if !inside_any(&canonical, roots) {
         return Err(SourceError::NotAllowed(format!(
             "{display} resolves outside sources.local_roots"
         )));
@@ -156,21 +207,70 @@ pub async fn open_local(path: &Path, roots: &[PathBuf]) -> Result<LocalFile, Sou
             error,
         },
     };
-    let file = tokio::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&canonical)
-        .await
         .map_err(unreadable)?;
-    let metadata = file.metadata().await.map_err(unreadable)?;
+    let metadata = file.metadata().map_err(unreadable)?;
     if !metadata.is_file() {
         return Err(SourceError::NotAFile(display));
     }
+    let mut size = metadata.len();
+    if size <= IN_MEMORY_LIMIT {
+        // One byte more than allowed tells a file that grew since the stat.
+        let mut bytes = Vec::with_capacity(size as usize + 1);
+        (&mut file)
+            .take(IN_MEMORY_LIMIT + 1)
+            .read_to_end(&mut bytes)
+            .map_err(unreadable)?;
+        if bytes.len() as u64 <= IN_MEMORY_LIMIT {
+            return Ok(LocalFile {
+                path: canonical,
+                size: bytes.len() as u64,
+                crc32c: (size < hash_below).then(|| crc32c::crc32c(&bytes)),
+                content: LocalContent::Read(bytes.into()),
+            });
+        }
+        size = file.metadata().map_err(unreadable)?.len();
+        file.rewind().map_err(unreadable)?;
+    }
+    let mut head = Vec::with_capacity(crate::content::SNIFF_LEN);
+    (&mut file)
+        .take(crate::content::SNIFF_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(unreadable)?;
+    file.rewind().map_err(unreadable)?;
+    let crc32c = if size < hash_below {
+        let crc32c = crc32c_of(&mut file).map_err(unreadable)?;
+        file.rewind().map_err(unreadable)?;
+        Some(crc32c)
+    } else {
+        None
+    };
     Ok(LocalFile {
         path: canonical,
-        size: metadata.len(),
-        file,
+        size,
+        crc32c,
+        content: LocalContent::Open {
+            file: tokio::fs::File::from_std(file),
+            head,
+        },
     })
+}
+
+/// CRC32C of what is left to read of `reader`.
+fn crc32c_of(reader: &mut impl std::io::Read) -> std::io::Result<u32> {
+    let mut buffer = vec![0_u8; READ_SIZE];
+    let mut crc32c = 0_u32;
+    loop {
+        match reader.read(&mut buffer) {
+            Ok(0) => return Ok(crc32c),
+            Ok(read) => crc32c = crc32c::crc32c_append(crc32c, &buffer[..read]),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// Opens the canonical `path` of a file `open_local` already checked once more, e.g. to hash it again.
@@ -187,17 +287,12 @@ pub async fn reopen(path: &Path) -> Result<tokio::fs::File, SourceError> {
 }
 
 /// Whether `path` lies inside one of `roots` (both canonicalised where they exist).
-async fn inside_any(path: &Path, roots: &[PathBuf]) -> bool {
+fn inside_any(path: &Path, roots: &[PathBuf]) -> bool {
     let path = lexically_normal(path);
-    for root in roots {
-        let root = tokio::fs::canonicalize(root)
-            .await
-            .unwrap_or_else(|_| lexically_normal(root));
-        if path.starts_with(&root) && path != root {
-            return true;
-        }
-    }
-    false
+    roots.iter().any(|root| {
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| lexically_normal(root));
+        path.starts_with(&root) && path != root
+    })
 }
 
 /// Removes `.` and resolves `..` without touching the file system.
@@ -302,9 +397,48 @@ mod tests {
         let root = tempfile::tempdir()?;
         let file = root.path().join("a.wav");
         std::fs::write(&file, b"RIFF")?;
-        let resolved = open_local(&file, &[root.path().to_path_buf()]).await?;
+        let resolved = open_local(&file, &[root.path().to_path_buf()], u64::MAX).await?;
         assert_eq!(resolved.path, std::fs::canonicalize(&file)?);
         assert_eq!(resolved.size, 4);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn small_files_are_read_whole_and_larger_ones_left_open_with_their_head()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let roots = [root.path().to_path_buf()];
+        let at_limit: Vec<u8> = (0..IN_MEMORY_LIMIT).map(|i| (i % 251) as u8).collect();
+        let small = root.path().join("small.wav");
+        std::fs::write(&small, &at_limit)?;
+        let opened = open_local(&small, &roots, u64::MAX).await?;
+        assert_eq!(opened.size, IN_MEMORY_LIMIT);
+        assert_eq!(opened.crc32c, Some(crc32c::crc32c(&at_limit)));
+        assert_eq!(opened.head(), &at_limit[..crate::content::SNIFF_LEN]);
+        assert!(matches!(&opened.content, LocalContent::Read(bytes) if bytes[..] == at_limit[..]));
+
+        let larger = root.path().join("larger.wav");
+        let mut over = at_limit.clone();
+        over.push(7);
+        std::fs::write(&larger, &over)?;
+        let hashed = open_local(&larger, &roots, IN_MEMORY_LIMIT + 2).await?;
+        assert_eq!(
+            hashed.crc32c,
+            Some(crc32c::crc32c(&over)),
+            "hashed below the bound"
+        );
+        let opened = open_local(&larger, &roots, IN_MEMORY_LIMIT + 1).await?;
+        assert_eq!(opened.crc32c, None, "not hashed from the bound up");
+        assert_eq!(opened.size, IN_MEMORY_LIMIT + 1);
+        assert_eq!(opened.head(), &over[..crate::content::SNIFF_LEN]);
+        for opened in [hashed, opened] {
+            let LocalContent::Open { mut file, .. } = opened.content else {
+                panic!("a file over the limit is streamed");
+            };
+            let mut read = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut file, &mut read).await?;
+            assert_eq!(read, over, "the open file is positioned at its start");
+        }
         Ok(())
     }
 
@@ -327,7 +461,7 @@ mod tests {
             secret.clone(),
             PathBuf::from("/etc/passwd"),
         ] {
-            let result = open_local(&path, &roots).await;
+            let result = open_local(&path, &roots, u64::MAX).await;
             assert!(
                 matches!(result, Err(SourceError::NotAllowed(_))),
                 "{}: {result:?}",
@@ -344,9 +478,9 @@ mod tests {
         let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
         // SAFETY: a valid NUL-terminated path and a plain mode.
         assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
-        let result = open_local(&fifo, &[root.path().to_path_buf()]).await;
+        let result = open_local(&fifo, &[root.path().to_path_buf()], u64::MAX).await;
         assert!(matches!(result, Err(SourceError::NotAFile(_))), "{result:?}");
-        let result = open_local(Path::new("/dev/null"), &[PathBuf::from("/dev")]).await;
+        let result = open_local(Path::new("/dev/null"), &[PathBuf::from("/dev")], u64::MAX).await;
         assert!(matches!(result, Err(SourceError::NotAFile(_))), "{result:?}");
         Ok(())
     }
@@ -357,11 +491,11 @@ mod tests {
         std::fs::create_dir(root.path().join("dir.wav"))?;
         let roots = [root.path().to_path_buf()];
         assert!(matches!(
-            open_local(&root.path().join("gone.wav"), &roots).await,
+            open_local(&root.path().join("gone.wav"), &roots, u64::MAX).await,
             Err(SourceError::Missing(_))
         ));
         assert!(matches!(
-            open_local(&root.path().join("dir.wav"), &roots).await,
+            open_local(&root.path().join("dir.wav"), &roots, u64::MAX).await,
             Err(SourceError::NotAFile(_))
         ));
         Ok(())

@@ -22,9 +22,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio::io::AsyncReadExt as _;
 
-/// Files at least this large go up as one streamed resumable upload whose
-/// CRC32C is computed on the fly; smaller ones are hashed first and sent in
-/// one request with the checksum the server then verifies.
+/// Files at least this large go up as a resumable upload hashed as it is
+/// read (which survives a dropped connection without sending everything
+/// again); smaller ones are hashed first and go up in one request with the
+/// checksum the server verifies. (The crate can also send a checksum after
+/// a one-request stream, as a trailing multipart part; fake-gcs stores such
+/// uploads with the wrong bytes, so that is not used.)
 pub const RESUMABLE_THRESHOLD: u64 = 8 * 1024 * 1024;
 /// Chunk size of buffered (non-seekable, e.g. staging-to-archive) uploads.
 const BUFFER_SIZE: usize = 16 * 1024 * 1024;
@@ -32,6 +35,15 @@ const BUFFER_SIZE: usize = 16 * 1024 * 1024;
 const READ_SIZE: usize = 256 * 1024;
 /// Timeout of one control-plane request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A local file to upload: read whole, or open at its start.
+#[derive(Debug)]
+pub enum LocalPayload {
+    /// The whole file.
+    Bytes(Bytes),
+    /// The open file.
+    File(tokio::fs::File),
+}
 
 /// A failed storage operation: what was attempted on which object, and why.
 #[derive(Debug, thiserror::Error)]
@@ -276,15 +288,21 @@ impl Store {
 
     /// Writes a local file as `object` unless one of that name exists.
     ///
-    /// `file` must be positioned at its start; `size` is its length. The
-    /// written object's size and CRC32C are compared with the file's before
-    /// this returns `Created`: a server that finalised a truncated upload (as
-    /// fake-gcs does when a resumed upload's status is queried) is caught
-    /// here, the bad object deleted and the failure reported as transient.
-    pub async fn upload_file(
+    /// `payload` is the whole file in memory or the open file positioned at
+    /// its start; `size` is its length. With the file's CRC32C known
+    /// (`crc32c`), it goes up in one request that carries the checksum, which
+    /// the server verifies before it creates the object. Without it (large
+    /// files), it goes up in one resumable pass that hashes what it reads.
+    /// Either way the written object's size and CRC32C are compared with the
+    /// file's before this returns `Created`: a server that finalised a
+    /// truncated upload (as fake-gcs does when a resumed upload's status is
+    /// queried) is caught here, the bad object deleted and the failure
+    /// reported as transient.
+    pub async fn upload_local(
         &self,
-        mut file: tokio::fs::File,
+        payload: LocalPayload,
         size: u64,
+        crc32c: Option<u32>,
         object: &NewObject<'_>,
     ) -> Result<Written, StoreError> {
         let failed = |cause: StoreCause| StoreError {
@@ -292,36 +310,69 @@ impl Store {
             target: uri(&self.bucket, object.name),
             cause,
         };
-        let mut verify_with = file.try_clone().await.map_err(|e| failed(e.into()))?;
-        let (result, expected) = if size < RESUMABLE_THRESHOLD {
-            // One request; the server verifies the checksum we send along.
-            let crc32c = crc32c_of(&mut file).await.map_err(failed)?;
-            let upload = self
-                .conditional_write(object, file)
-                .with_known_crc32c(crc32c)
-                .send_unbuffered();
-            (Box::pin(upload).await, Some(crc32c))
-        } else {
-            // One streamed pass, hashed as it is read.
-            let (source, hash) = HashingFile::new(file);
-            let upload = self
-                .conditional_write(object, source)
-                .with_checksum_precomputation(false)
-                .send_unbuffered();
-            let result = Box::pin(upload).await;
-            let expected = hash.lock().ok().and_then(|state| state.complete(size));
-            (result, expected)
+        let (result, expected) = match payload {
+            LocalPayload::Bytes(bytes) => {
+                let crc32c = crc32c.unwrap_or_else(|| crc32c::crc32c(&bytes));
+                let upload = self
+                    .conditional_write(object, bytes)
+                    .with_known_crc32c(crc32c)
+                    .send_unbuffered();
+                (Box::pin(upload).await, crc32c)
+            }
+            LocalPayload::File(mut file) => {
+                let crc32c = match crc32c {
+                    None if size < RESUMABLE_THRESHOLD => Some(crc32c_of(&mut file).await.map_err(failed)?),
+                    known => known,
+                };
+                match crc32c {
+                    Some(crc32c) => {
+                        let upload = self
+                            .conditional_write(object, file)
+                            .with_known_crc32c(crc32c)
+                            .send_unbuffered();
+                        (Box::pin(upload).await, crc32c)
+                    }
+                    None => self.upload_hashing(file, size, object).await.map_err(failed)?,
+                }
+            }
         };
         let written = self.written(result).map_err(failed)?;
         let Written::Created(info) = written else {
             return Ok(written);
         };
-        let expected = match expected {
-            Some(crc32c) => crc32c,
-            // The upload was resumed mid-file, so the running hash is incomplete: read it again.
-            None => crc32c_of(&mut verify_with).await.map_err(failed)?,
-        };
         self.verified(info, size, expected).await.map_err(failed)
+    }
+
+    /// Streams `file` up in one resumable pass that hashes what it reads;
+    /// returns the result and the file's CRC32C.
+    async fn upload_hashing(
+        &self,
+        file: tokio::fs::File,
+        size: u64,
+        object: &NewObject<'_>,
+    ) -> Result<
+        (
+            Result<google_cloud_storage::model::Object, google_cloud_storage::Error>,
+            u32,
+        ),
+        StoreCause,
+    > {
+        let mut verify_with = file.try_clone().await?;
+        let (source, hash) = HashingFile::new(file);
+        let upload = self
+            .conditional_write(object, source)
+            .with_checksum_precomputation(false)
+            .send_unbuffered();
+        let result = Box::pin(upload).await;
+        let complete = hash.lock().ok().and_then(|state| state.complete(size));
+        let crc32c = match (complete, &result) {
+            (Some(crc32c), _) => crc32c,
+            // Nothing was written: the checksum is not needed.
+            (None, Err(_)) => 0,
+            // The upload was resumed mid-file, so the running hash is incomplete: read it again.
+            (None, Ok(_)) => crc32c_of(&mut verify_with).await?,
+        };
+        Ok((result, crc32c))
     }
 
     /// Opens a staging object for reading; `None` if it does not exist.
@@ -619,9 +670,10 @@ impl StreamingSource for StagingStream {
     }
 }
 
-/// CRC32C of a file from its current position to the end; leaves it rewound to the start.
+/// CRC32C of a whole file, whatever its position; leaves it rewound to the start.
 pub async fn crc32c_of(file: &mut tokio::fs::File) -> Result<u32, StoreCause> {
     use tokio::io::AsyncSeekExt as _;
+    file.seek(std::io::SeekFrom::Start(0)).await?;
     let mut buffer = vec![0_u8; READ_SIZE];
     let mut crc32c = 0_u32;
     loop {

@@ -1,14 +1,15 @@
 //! Integration-test harness: local Google Cloud emulators and REST helpers.
 //!
-//! - [`services`] starts one Pub/Sub emulator and one fake-gcs-server per test
-//!   process (lazily, on first use) and hands out their endpoints.
-//! - [`PubsubEmulator`] and [`FakeGcs`] are owned instances for tests that need
-//!   their own service (fault tests stop and restart them).
+//! - [`services`] starts one fake-gcs-server per test process (lazily, on
+//!   first use) and hands out its endpoint.
+//! - [`PubsubEmulator`] and [`FakeGcs`] are owned instances: every [`TestEnv`]
+//!   runs its own Pub/Sub emulator (see [`TestEnv::new`] for why), and fault
+//!   tests stop and restart a fake-gcs of their own.
 //! - [`PubsubRest`] and [`GcsRest`] talk to the emulators over their JSON/HTTP
 //!   APIs, independently of the code under test, to set up resources and to
 //!   check results.
-//! - [`TestEnv`] is a fresh, isolated set of names (topics, subscriptions,
-//!   buckets) and a spool directory for one test.
+//! - [`TestEnv`] is a fresh, isolated Pub/Sub emulator, set of names (topics,
+//!   subscriptions, buckets) and spool directory for one test.
 //! - [`sample_wav`], [`sample_png`] and [`write_large_wav`] make test media.
 //!
 //! Lifetime: the shared services live in statics, which Rust never drops.
@@ -63,27 +64,22 @@ const LOG_DIR_PREFIX: &str = "audio-store-it-";
 // Shared services
 // ---------------------------------------------------------------------------
 
-/// The emulators shared by all tests of this process; see [`services`].
+/// The service shared by all tests of this process; see [`services`].
 pub struct Services {
-    /// Pub/Sub emulator base URL, `http://127.0.0.1:PORT`.
-    pub pubsub_endpoint: String,
-    /// Pub/Sub emulator address for `PUBSUB_EMULATOR_HOST`, `127.0.0.1:PORT`.
-    pub pubsub_host: String,
     /// fake-gcs-server base URL, `http://127.0.0.X` (port 80, no port in the URL).
     pub gcs_endpoint: String,
     /// Directory holding the service logs of this test process.
     pub log_dir: PathBuf,
-    // Kept so the processes are owned somewhere; statics are never dropped,
-    // the watchdogs end them when the test process exits.
-    _pubsub: PubsubEmulator,
+    // Kept so the process is owned somewhere; statics are never dropped,
+    // the watchdog ends it when the test process exits.
     _gcs: FakeGcs,
 }
 
-/// Starts the shared Pub/Sub emulator and fake-gcs-server on first use (both
-/// at once, in parallel) and returns their endpoints.
+/// Starts the shared fake-gcs-server on first use and returns its endpoint.
+/// (Each [`TestEnv`] starts a Pub/Sub emulator of its own; see [`TestEnv::new`].)
 ///
-/// Blocks the calling thread while they start (1–4 s). Panics, with the tail of
-/// the service log, when a service cannot be started; later calls panic with
+/// Blocks the calling thread while it starts (about a second). Panics, with the
+/// tail of the service log, when it cannot be started; later calls panic with
 /// the same message instead of trying again.
 pub fn services() -> &'static Services {
     static SERVICES: OnceLock<Result<Services, String>> = OnceLock::new();
@@ -94,23 +90,10 @@ pub fn services() -> &'static Services {
 }
 
 fn start_services() -> Result<Services> {
-    let (pubsub, gcs) = std::thread::scope(|scope| {
-        let pubsub = scope.spawn(PubsubEmulator::start);
-        let gcs = FakeGcs::start_memory();
-        let pubsub = pubsub
-            .join()
-            .map_err(|_| anyhow!("the thread starting the pubsub emulator panicked"))
-            .and_then(|started| started);
-        (pubsub, gcs)
-    });
-    let pubsub = pubsub.context("starting the shared pubsub emulator")?;
-    let gcs = gcs.context("starting the shared fake-gcs-server")?;
+    let gcs = FakeGcs::start_memory().context("starting the shared fake-gcs-server")?;
     Ok(Services {
-        pubsub_endpoint: pubsub.endpoint(),
-        pubsub_host: pubsub.host(),
         gcs_endpoint: gcs.endpoint(),
         log_dir: log_dir().to_path_buf(),
-        _pubsub: pubsub,
         _gcs: gcs,
     })
 }
@@ -377,9 +360,8 @@ fn random_u64() -> u64 {
 
 /// An owned Pub/Sub emulator on `127.0.0.1:<free port>`; killed on drop.
 ///
-/// Most tests use the shared one from [`services`]; crash tests may want a
-/// fresh one, because the emulator never redelivers messages leased to a dead
-/// streaming-pull client.
+/// Every [`TestEnv`] has one of its own: the emulator never redelivers
+/// messages leased to a streaming pull that a client closed or lost.
 pub struct PubsubEmulator {
     port: u16,
     process: Option<Supervised>,
@@ -1550,6 +1532,8 @@ pub struct TestEnv {
     pub staging_bucket: String,
     /// A local root for source files; removed on drop.
     pub spool: tempfile::TempDir,
+    /// The Pub/Sub emulator of this environment alone, if it has one; stopped on drop.
+    _own_pubsub: Option<PubsubEmulator>,
 }
 
 impl Default for TestEnv {
@@ -1559,17 +1543,29 @@ impl Default for TestEnv {
 }
 
 impl TestEnv {
-    /// Unique names on the shared services (starting them if needed); creates
-    /// the spool dir but no cloud resources.
+    /// A Pub/Sub emulator of its own (started here, stopped on drop) and
+    /// unique names on the shared fake-gcs (starting it if needed); creates the
+    /// spool dir but no cloud resources.
+    ///
+    /// Why not one emulator for all tests: the emulator fails to handle a
+    /// client's RST_STREAM (a `NoSuchMethodError` in its gRPC server, see its
+    /// log), so every streaming pull a client closes stays open inside it and
+    /// keeps being handed messages; with tests sharing an emulator, those
+    /// dead streams made other tests' messages go missing now and then.
     pub fn new() -> TestEnv {
-        let services = services();
-        TestEnv::with_endpoints(&services.pubsub_endpoint, &services.gcs_endpoint)
+        TestEnv::with_gcs(&services().gcs_endpoint)
     }
 
     /// Like [`new`](TestEnv::new), but with buckets on another fake-gcs (e.g. a
     /// [`FakeGcs`] that the test stops and restarts).
     pub fn with_gcs(gcs_endpoint: &str) -> TestEnv {
-        TestEnv::with_endpoints(&services().pubsub_endpoint, gcs_endpoint)
+        let pubsub =
+            PubsubEmulator::start().unwrap_or_else(|e| panic!("cannot start a pubsub emulator: {e:#}"));
+        let env = TestEnv::with_endpoints(&pubsub.endpoint(), gcs_endpoint);
+        TestEnv {
+            _own_pubsub: Some(pubsub),
+            ..env
+        }
     }
 
     /// Like [`new`](TestEnv::new), on the given emulators.
@@ -1594,6 +1590,7 @@ impl TestEnv {
             staging_bucket: format!("staging-{id}"),
             spool,
             id,
+            _own_pubsub: None,
         }
     }
 

@@ -570,3 +570,57 @@ async fn large_files_are_streamed_through_resumable_uploads_intact() -> anyhow::
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_read_whole_or_streamed_are_stored_intact_and_recognised_when_redelivered() -> anyhow::Result<()>
+{
+    // Around the size up to which a file is read whole (256 KiB), and one streamed in a
+    // single request; each message is delivered twice with its file still in the spool, so
+    // the second delivery meets the first one's object (412) and compares checksums.
+    const LIMIT: u64 = audio_store::source::IN_MEMORY_LIMIT;
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let sizes = [LIMIT - 44, LIMIT - 43, 3 * 1024 * 1024];
+    let mut sources = Vec::new();
+    for (index, len) in sizes.iter().enumerate() {
+        let path = env.spool_path(&format!("size-{index}.wav"));
+        write_large_wav(&path, *len, index as u64 + 11)?;
+        sources.push((format!("size-{index}"), path.clone(), std::fs::read(&path)?));
+    }
+    let worker = Worker::start(settings(&env, &[])?);
+    let mut generations = BTreeMap::new();
+    for round in 0..2 {
+        for (id, path, bytes) in &sources {
+            std::fs::write(path, bytes)?;
+            env.pubsub
+                .publish_json(&env.topic, &json!({"audio": path, "id": id}), &[])
+                .await?;
+        }
+        let events = env
+            .pubsub
+            .collect_exactly(&env.stored_subscription, sources.len(), EVENT_TIMEOUT)
+            .await?;
+        for event in events.iter().map(event_json) {
+            let event = event?;
+            let previous = generations.insert(
+                event["audio_id"].to_string(),
+                event["audio"]["generation"].clone(),
+            );
+            ensure!(
+                round == 0 || previous.as_ref() == Some(&event["audio"]["generation"]),
+                "rewritten on redelivery: {event}"
+            );
+        }
+    }
+    let summary = worker.stop().await?;
+    assert_eq!((summary.stored, summary.already_stored), (3, 3), "{summary:?}");
+    for (id, path, bytes) in &sources {
+        let name = format!("audio/{}/audio.wav", audio_id_for(id));
+        let stored = env.gcs.object(&env.bucket, &name).await?.context("stored")?;
+        assert_eq!(stored.size, bytes.len() as u64, "{id}");
+        assert_eq!(stored.crc32c, crc32c_base64(bytes), "{id}");
+        ensure!(!path.exists(), "{id}: source removed");
+    }
+    assert_eq!(env.gcs.list(&env.bucket, "").await?.len(), 3);
+    Ok(())
+}
