@@ -451,7 +451,7 @@ impl Bench {
         let publisher = Publisher::builder(env.pubsub.topic_path(&env.stored_topic))
             .with_credentials(anonymous())
             .with_endpoint(&self.pubsub_endpoint)
-            .set_delay_threshold(Duration::from_millis(5))
+            .set_delay_threshold(audio_store::pubsub::BUSY_BATCHING)
             .build()
             .await
             .context("building the publisher")?;

@@ -1,7 +1,7 @@
 //! `publish`: sends one "audio processed" message, for operators and demos.
 
 use crate::config::Settings;
-use crate::pubsub::{Outbox, PubsubError};
+use crate::pubsub::{self, Outbox, PubsubError};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -35,7 +35,7 @@ pub enum PublishError {
 /// Publishes `message` to the input topic and returns its message id once confirmed.
 pub async fn run(settings: &Settings, message: &ProcessedMessage) -> Result<String, PublishError> {
     let topic = settings.input_topic()?;
-    let outbox = Outbox::connect(&settings.pubsub, topic).await?;
+    let outbox = Outbox::connect(&settings.pubsub, topic, pubsub::QUICK_BATCHING).await?;
     let data = serde_json::to_vec(message).expect("a message of strings always serialises");
     Ok(outbox.publish(data, std::iter::empty()).await?)
 }

@@ -10,7 +10,7 @@
 
 use crate::config::Settings;
 use crate::message::Envelope;
-use crate::pubsub::{Delivery, Inbox, Outbox, PubsubError};
+use crate::pubsub::{self, Delivery, Inbox, Outbox, PubsubError};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -123,7 +123,7 @@ pub async fn run(
     reporter: &mut dyn Reporter,
 ) -> Result<Summary, ReplayError> {
     let mut inbox = Inbox::open_subscription(&settings.pubsub, &options.subscription, 1_000).await?;
-    let outbox = Outbox::connect(&settings.pubsub, &options.topic).await?;
+    let outbox = Outbox::connect(&settings.pubsub, &options.topic, pubsub::QUICK_BATCHING).await?;
     let mut summary = Summary {
         dry_run: options.dry_run,
         ..Summary::default()

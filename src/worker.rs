@@ -4,7 +4,7 @@
 use crate::config::Settings;
 use crate::health::Health;
 use crate::pipeline::{Outcome, Pipeline};
-use crate::pubsub::{Inbox, Outbox, PubsubError};
+use crate::pubsub::{self, Inbox, Outbox, PubsubError};
 use crate::store::{Store, StoreError};
 use std::future::Future;
 use std::sync::Arc;
@@ -104,9 +104,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, WorkerError> {
     let store = Store::connect(&settings.storage).await?;
-    let events = Outbox::connect(&settings.pubsub, &settings.pubsub.stored_topic).await?;
+    let events = Outbox::connect(
+        &settings.pubsub,
+        &settings.pubsub.stored_topic,
+        pubsub::BUSY_BATCHING,
+    )
+    .await?;
     let dead_letters = match &settings.pubsub.dead_letter_topic {
-        Some(topic) => Some(Outbox::connect(&settings.pubsub, topic).await?),
+        Some(topic) => Some(Outbox::connect(&settings.pubsub, topic, pubsub::QUICK_BATCHING).await?),
         None => None,
     };
     let pipeline = Pipeline::new(
