@@ -5,6 +5,7 @@ use crate::support::{Worker, audio_id_for, environment, event_json, settings};
 use anyhow::{Context as _, ensure};
 use audio_store::identity::{AudioId, IdentityKey};
 use serde_json::json;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
@@ -56,6 +57,15 @@ async fn dead_letter_missing_files(
     })
     .await?;
     Ok(ids)
+}
+
+/// The `original_message_id`s of the entries a `--output json` replay reported as moved.
+fn moved_ids(lines: &[serde_json::Value]) -> BTreeSet<String> {
+    lines
+        .iter()
+        .filter(|line| line["action"] == "moved")
+        .filter_map(|line| line["original_message_id"].as_str().map(str::to_string))
+        .collect()
 }
 
 fn json_lines(stdout: &str) -> anyhow::Result<Vec<serde_json::Value>> {
@@ -380,6 +390,153 @@ async fn a_wrong_subscription_or_topic_is_a_one_line_error_with_exit_2() -> anyh
     ensure!(
         stderr.lines().count() == 1 && stderr.contains("no-such-topic"),
         "{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_paced_by_rate_and_killed_midway_loses_nothing_and_a_rerun_moves_the_rest()
+-> anyhow::Result<()> {
+    const COUNT: usize = 12;
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let worker = Worker::start(settings(&env, &[])?);
+    let names: Vec<String> = (0..COUNT).map(|i| format!("killed-{i}.wav")).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let ids = dead_letter_missing_files(&env, &worker, &name_refs).await?;
+    worker.stop().await?;
+    for name in &names {
+        env.spool_file(name, &sample_wav(1_000));
+    }
+    // What the replays publish: a tap to count it, and a fresh subscription for the worker
+    // (the stopped worker's stream still holds leases on the input subscription in the emulator).
+    let tap = format!("{}-tap", env.subscription);
+    let fresh = format!("{}-fresh", env.subscription);
+    env.pubsub
+        .create_subscription(&tap, &env.topic, Default::default())
+        .await?;
+    env.pubsub
+        .create_subscription(&fresh, &env.topic, env.default_input_options())
+        .await?;
+
+    // At 4 messages/s; killed (SIGKILL) once three have moved.
+    let mut command = tokio::process::Command::new(BINARY);
+    command
+        .args([
+            "replay",
+            "--subscription",
+            &env.dead_letter_subscription,
+            "--topic",
+            &env.topic,
+        ])
+        .args(["--rate", "4", "--output", "json"])
+        .env_clear()
+        .envs(environment(&env, &[]))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn()?;
+    let stdout = child.stdout.take().context("the replay's stdout")?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut moved_at = Vec::new();
+    let mut first_lines = Vec::new();
+    while moved_at.len() < 3 {
+        let line = tokio::time::timeout(TIMEOUT, lines.next_line())
+            .await
+            .context("waiting for the replay's output")??
+            .context("the replay ended before it was killed")?;
+        if serde_json::from_str::<serde_json::Value>(&line)?["action"] == "moved" {
+            moved_at.push(std::time::Instant::now());
+        }
+        first_lines.push(line);
+    }
+    child.start_kill()?;
+    child.wait().await?;
+    // What it printed before the kill landed.
+    while let Some(line) = lines.next_line().await? {
+        first_lines.push(line);
+    }
+    let paced = moved_at[2] - moved_at[0];
+    ensure!(
+        paced >= Duration::from_millis(400),
+        "--rate 4 moves at most 4 a second: the 1st and 3rd moved {paced:?} apart"
+    );
+
+    // The killed replay's un-acked messages stay in the dead-letter subscription. Pub/Sub
+    // redelivers them after the ack deadline; the emulator keeps them leased to the dead
+    // stream and hands them out again only when the leases are released (a seek to a
+    // snapshot), so the test keeps releasing them while the rerun runs. Rerun until every
+    // message has moved.
+    let first_lines = first_lines
+        .iter()
+        .map(|line| serde_json::from_str(line))
+        .collect::<Result<Vec<serde_json::Value>, _>>()?;
+    let mut moved = moved_ids(&first_lines);
+    let moved_before_kill = moved.len();
+    for _ in 0..5 {
+        let running = std::sync::atomic::AtomicBool::new(true);
+        let release = async {
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                env.pubsub.release_leases(&env.dead_letter_subscription).await?;
+            }
+            anyhow::Ok(())
+        };
+        let run = async {
+            let output = replay(&env, &["--output", "json", "--idle", "3s"]).await;
+            running.store(false, std::sync::atomic::Ordering::Relaxed);
+            output
+        };
+        let (run, released) = tokio::join!(run, release);
+        released?;
+        let (code, stdout, stderr) = run?;
+        assert_eq!(code, Some(0), "{stderr}");
+        moved.extend(moved_ids(&json_lines(&stdout)?));
+        if moved.len() == COUNT {
+            break;
+        }
+    }
+    ensure!(
+        (3..COUNT).contains(&moved_before_kill),
+        "killed midway: {moved_before_kill} of {COUNT} had moved"
+    );
+    assert_eq!(
+        moved,
+        ids.iter().cloned().collect::<BTreeSet<_>>(),
+        "all moved in the end"
+    );
+    // Whatever is still in the dead-letter subscription is a copy of a moved message (a
+    // lease released by the test just as the rerun acked it), never one that did not move.
+    let left = env
+        .pubsub
+        .recover_unacked(&env.dead_letter_subscription, 0, Duration::ZERO)
+        .await?;
+    for message in &left {
+        let original = message.attribute("original_message_id").unwrap_or_default();
+        ensure!(moved.contains(original), "left behind unmoved: {message:?}");
+    }
+
+    // Every message reached the input topic at least once (a message moved just before the
+    // kill may have gone twice), and each is stored exactly once.
+    let republished = env.pubsub.drain_for(&tap, Duration::from_secs(3)).await?;
+    let originals: BTreeSet<String> = republished
+        .iter()
+        .filter_map(|message| message.attribute("original_message_id").map(str::to_string))
+        .collect();
+    assert_eq!(originals, ids.iter().cloned().collect::<BTreeSet<_>>());
+    let worker = Worker::start(settings(&env, &[("AUDIO_STORE__PUBSUB__SUBSCRIPTION", &fresh)])?);
+    let metrics = worker.health.metrics.clone();
+    let settled = republished.len() as u64;
+    wait_for("every republished message settled", TIMEOUT, || async {
+        let done = metrics.messages("stored") + metrics.messages("already_stored");
+        Ok((done >= settled).then_some(()))
+    })
+    .await?;
+    let summary = worker.stop().await?;
+    assert_eq!(summary.stored, COUNT as u64, "{summary:?}");
+    assert_eq!(
+        env.gcs.list(&env.bucket, "").await?.len(),
+        COUNT,
+        "one object set each"
     );
     Ok(())
 }
