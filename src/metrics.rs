@@ -26,6 +26,9 @@ struct BuildLabels {
     version: &'static str,
 }
 
+/// The values of the `outcome` label (see [`Outcome::as_str`]).
+const OUTCOMES: [&str; 4] = ["stored", "already_stored", "dead_lettered", "nacked"];
+
 /// The worker's metrics, shared by the loop, the pipeline and the HTTP endpoint.
 #[derive(Debug)]
 pub struct Metrics {
@@ -89,6 +92,21 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "The running version", build_info);
+        // Every series exists from the start, at 0, so that rates and alerts work
+        // before the first failure of a kind.
+        for outcome in OUTCOMES {
+            let _ = messages.get_or_create(&OutcomeLabels { outcome });
+        }
+        for kind in ErrorKind::ALL {
+            let labels = KindLabels {
+                error_kind: kind.as_str(),
+            };
+            if kind.is_permanent() {
+                let _ = dead_lettered.get_or_create(&labels);
+            } else {
+                let _ = retries.get_or_create(&labels);
+            }
+        }
         Metrics {
             registry,
             messages,
@@ -139,7 +157,7 @@ impl Metrics {
 
     /// How many messages ended with `outcome` (`stored`, `already_stored`, `dead_lettered`, `nacked`).
     pub fn messages(&self, outcome: &str) -> u64 {
-        ["stored", "already_stored", "dead_lettered", "nacked"]
+        OUTCOMES
             .into_iter()
             .find(|known| *known == outcome)
             .map(|outcome| self.messages.get_or_create(&OutcomeLabels { outcome }).get())
@@ -205,6 +223,24 @@ mod tests {
         assert!(text.contains("audio_store_build_info{version="), "{text}");
         assert_eq!(metrics.messages("stored"), 1);
         assert_eq!(metrics.messages("nacked"), 0);
+    }
+
+    #[test]
+    fn every_outcome_and_kind_is_exported_at_zero_before_it_happens() {
+        let text = Metrics::new().render();
+        for outcome in OUTCOMES {
+            let line = format!("audio_store_messages_total{{outcome=\"{outcome}\"}} 0");
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
+        for kind in ErrorKind::ALL {
+            let family = if kind.is_permanent() {
+                "dead_lettered"
+            } else {
+                "retries"
+            };
+            let line = format!("audio_store_{family}_total{{error_kind=\"{}\"}} 0", kind.as_str());
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
     }
 
     #[test]
