@@ -69,7 +69,7 @@ struct Part {
 enum Prepared {
     /// A local file, read or open.
     Local { target: Target, file: LocalFile },
-    /// A staging object being read, its head buffered.
+    /// A staging object, looked up and its head read.
     Staging { target: Target, staging: StagingObject },
     /// The source is gone but its object is in the archive (a crash after cleanup).
     Stored(Part),
@@ -303,10 +303,13 @@ impl Pipeline {
                     .map(Prepared::Stored),
                 Err(error) => Err(error.into()),
             },
-            Source::Gcs { bucket, object } => match self.store.open_staging(bucket, object).await? {
-                Some(mut staging) => {
-                    let head = staging.peek(content::SNIFF_LEN).await?.to_vec();
-                    let content_type = checked_content(kind, source, &head, staging.info.size)?;
+            Source::Gcs { bucket, object } => match self
+                .store
+                .open_staging(bucket, object, content::SNIFF_LEN)
+                .await?
+            {
+                Some(staging) => {
+                    let content_type = checked_content(kind, source, &staging.head, staging.info.size)?;
                     Ok(Prepared::Staging {
                         target: self.target(message, kind, source, content_type),
                         staging,
@@ -363,10 +366,12 @@ impl Pipeline {
                     generation: staging.info.generation,
                 });
                 let source_crc32c = staging.info.crc32c;
-                if let Some(existing) = self.existing_before_upload(&target, staging.info.size).await? {
+                // Always looked up first (one small call): a redelivery copies nothing, and fake-gcs
+                // does not honour the copy's if-generation-match=0.
+                if let Some(existing) = self.store.archived(&target.name).await? {
                     return self.existing_part(existing, source_crc32c, target.content_type, cleanup);
                 }
-                match self.store.upload_staging(staging, &target.new_object()).await? {
+                match self.store.copy_staging(&staging, &target.new_object()).await? {
                     Written::Created(info) => {
                         Ok(created_part(&self.metrics, info, target.content_type, cleanup))
                     }

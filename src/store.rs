@@ -1,11 +1,12 @@
 //! The store: the only module that talks to Cloud Storage.
 //!
 //! Data moves through the official `google-cloud-storage` client
-//! (`write_object`, `read_object`), streamed and CRC32C-checked. The few
-//! control-plane calls the worker needs (object metadata, delete, create
-//! bucket) go through the JSON API with the same credentials: the crate's
-//! control client is gRPC-only, which no local emulator speaks, and real GCS
-//! serves the JSON API as well.
+//! (`write_object`, and `read_object` for the head of a staging object),
+//! streamed and CRC32C-checked. The calls the crate's control client would
+//! make (object metadata, the server-side copy of a staging object, delete,
+//! create bucket) go through the JSON API with the same credentials: that
+//! client is gRPC-only, which no local emulator speaks, and real GCS serves
+//! the JSON API as well.
 
 use crate::config::{Endpoint, StorageSettings};
 use base64::Engine as _;
@@ -15,7 +16,6 @@ use google_cloud_auth::credentials::{CacheableResource, Credentials};
 use google_cloud_gax::retry_policy::RetryPolicyExt as _;
 use google_cloud_storage::builder::storage::WriteObject;
 use google_cloud_storage::client::Storage;
-use google_cloud_storage::read_object::ReadObjectResponse;
 use google_cloud_storage::retry_policy::RetryableErrors;
 use google_cloud_storage::streaming_source::{Payload, Seek, SizeHint, StreamingSource};
 use std::collections::{BTreeMap, HashMap};
@@ -29,8 +29,6 @@ use tokio::io::AsyncReadExt as _;
 /// a one-request stream, as a trailing multipart part; fake-gcs stores such
 /// uploads with the wrong bytes, so that is not used.)
 pub const RESUMABLE_THRESHOLD: u64 = 8 * 1024 * 1024;
-/// Chunk size of buffered (non-seekable, e.g. staging-to-archive) uploads.
-const BUFFER_SIZE: usize = 16 * 1024 * 1024;
 /// Read size when hashing a local file.
 const READ_SIZE: usize = 256 * 1024;
 /// Timeout of one control-plane request.
@@ -139,38 +137,13 @@ pub struct NewObject<'a> {
     pub metadata: &'a BTreeMap<String, String>,
 }
 
-/// A staging object being read: its properties and a stream of its bytes.
+/// A staging object to copy: its properties and its first bytes (to sniff).
+#[derive(Debug)]
 pub struct StagingObject {
-    /// The object's properties when the read started.
+    /// The object's properties (the copy is pinned to this generation).
     pub info: ObjectInfo,
-    /// Bytes already taken from the stream (to sniff), sent first on upload.
-    head: Bytes,
-    response: ReadObjectResponse,
-}
-
-impl StagingObject {
-    /// Reads until at least `length` bytes (or all) are buffered and returns them.
-    pub async fn peek(&mut self, length: usize) -> Result<&[u8], StoreError> {
-        while self.head.len() < length {
-            match self.response.next().await {
-                None => break,
-                Some(Err(error)) => {
-                    return Err(StoreError {
-                        operation: "read",
-                        target: uri(&self.info.bucket, &self.info.name),
-                        cause: error.into(),
-                    });
-                }
-                Some(Ok(chunk)) => {
-                    let mut joined = Vec::with_capacity(self.head.len() + chunk.len());
-                    joined.extend_from_slice(&self.head);
-                    joined.extend_from_slice(&chunk);
-                    self.head = joined.into();
-                }
-            }
-        }
-        Ok(&self.head)
-    }
+    /// Up to the requested number of leading bytes.
+    pub head: Bytes,
 }
 
 /// The archive: a Cloud Storage client bound to one bucket.
@@ -211,8 +184,7 @@ impl Store {
                     .with_attempt_limit(3)
                     .with_time_limit(Duration::from_secs(60)),
             )
-            .with_resumable_upload_threshold(RESUMABLE_THRESHOLD as usize)
-            .with_resumable_upload_buffer_size(BUFFER_SIZE);
+            .with_resumable_upload_threshold(RESUMABLE_THRESHOLD as usize);
         if !matches!(settings.endpoint, Endpoint::Google) {
             builder = builder.with_endpoint(json_base.clone());
         }
@@ -375,67 +347,121 @@ impl Store {
         Ok((result, crc32c))
     }
 
-    /// Opens a staging object for reading; `None` if it does not exist.
+    /// Looks up a staging object and reads its first `head_len` bytes; `None`
+    /// if it does not exist.
     ///
     /// Its properties come from the JSON API (the read response's headers
     /// are not reliable on every server) and the read is pinned to that
-    /// generation, so what is copied is exactly what was described.
-    pub async fn open_staging(&self, bucket: &str, name: &str) -> Result<Option<StagingObject>, StoreError> {
+    /// generation, as the copy will be.
+    pub async fn open_staging(
+        &self,
+        bucket: &str,
+        name: &str,
+        head_len: usize,
+    ) -> Result<Option<StagingObject>, StoreError> {
         let Some(info) = self.object(bucket, name).await? else {
             return Ok(None);
         };
-        let response = Box::pin(
-            self.client
-                .read_object(format!("projects/_/buckets/{bucket}"), name)
-                .set_generation(info.generation)
-                .send(),
-        )
-        .await;
-        match response {
-            Ok(response) => Ok(Some(StagingObject {
-                info,
-                head: Bytes::new(),
-                response,
-            })),
-            Err(error) if error.http_status_code() == Some(404) => Ok(None),
-            Err(error) => Err(StoreError {
-                operation: "read",
-                target: uri(bucket, name),
-                cause: error.into(),
-            }),
+        let failed = |cause: StoreCause| StoreError {
+            operation: "read",
+            target: uri(bucket, name),
+            cause,
+        };
+        let mut head = Vec::with_capacity(head_len);
+        if info.size > 0 {
+            let read = Box::pin(
+                self.client
+                    .read_object(format!("projects/_/buckets/{bucket}"), name)
+                    .set_generation(info.generation)
+                    .set_read_range(google_cloud_storage::model_ext::ReadRange::head(head_len as u64))
+                    .send(),
+            )
+            .await;
+            let mut response = match read {
+                Ok(response) => response,
+                Err(error) if error.http_status_code() == Some(404) => return Ok(None),
+                Err(error) => return Err(failed(error.into())),
+            };
+            while head.len() < head_len {
+                match response.next().await {
+                    None => break,
+                    Some(Err(error)) => return Err(failed(error.into())),
+                    Some(Ok(chunk)) => head.extend_from_slice(&chunk),
+                }
+            }
+            head.truncate(head_len);
         }
+        Ok(Some(StagingObject {
+            info,
+            head: head.into(),
+        }))
     }
 
-    /// Copies a staging object (as it streams) into the archive as `object`, unless one exists.
-    ///
-    /// The staging object's CRC32C goes along, so the server rejects a copy that differs.
-    pub async fn upload_staging(
+    /// Copies a staging object into the archive as `object`, server-side
+    /// (the JSON API's rewrite: the bytes do not pass through the worker),
+    /// unless an object of that name exists. The copy is pinned to the
+    /// generation that was looked up, and the new object's size and CRC32C
+    /// are compared with the source's before this returns `Created`.
+    pub async fn copy_staging(
         &self,
-        staging: StagingObject,
+        staging: &StagingObject,
         object: &NewObject<'_>,
     ) -> Result<Written, StoreError> {
-        let crc32c = staging.info.crc32c;
-        let size = staging.info.size;
-        let source = StagingStream {
-            size: staging.info.size,
-            head: Some(staging.head).filter(|head| !head.is_empty()),
-            response: tokio::sync::Mutex::new(staging.response),
-        };
-        let upload = self
-            .conditional_write(object, source)
-            .with_known_crc32c(crc32c)
-            .send_buffered();
-        // The SDK's upload futures are large; keep them off the stack.
-        let result = Box::pin(upload).await;
         let failed = |cause: StoreCause| StoreError {
             operation: "copy",
             target: uri(&self.bucket, object.name),
             cause,
         };
-        match self.written(result).map_err(failed)? {
-            Written::Created(info) => self.verified(info, size, crc32c).await.map_err(failed),
-            Written::AlreadyExists => Ok(Written::AlreadyExists),
-        }
+        let source = &staging.info;
+        let url = format!(
+            "{}/rewriteTo/b/{}/o/{}",
+            self.object_url(&source.bucket, &source.name),
+            encode(&self.bucket),
+            encode(object.name)
+        );
+        let body = serde_json::json!({
+            "contentType": object.content_type,
+            "metadata": object.metadata,
+        });
+        // Large copies between locations or storage classes take several calls.
+        let mut token: Option<String> = None;
+        let info = loop {
+            let mut query = vec![
+                ("ifGenerationMatch", "0".to_string()),
+                ("sourceGeneration", source.generation.to_string()),
+            ];
+            if let Some(token) = &token {
+                query.push(("rewriteToken", token.clone()));
+            }
+            let request = self.http.post(&url).query(&query).json(&body);
+            let response = self.send(request).await.map_err(failed)?;
+            if response.status() == reqwest::StatusCode::PRECONDITION_FAILED {
+                return Ok(Written::AlreadyExists);
+            }
+            let reply: serde_json::Value = checked(response)
+                .await
+                .map_err(failed)?
+                .json()
+                .await
+                .map_err(|error| failed(error.into()))?;
+            if reply["done"].as_bool() == Some(true) {
+                break object_from_json(&reply["resource"]).map_err(failed)?;
+            }
+            token = Some(
+                reply["rewriteToken"]
+                    .as_str()
+                    .filter(|token| !token.is_empty())
+                    .ok_or_else(|| {
+                        failed(StoreCause::Malformed(
+                            "an unfinished rewrite without a rewriteToken".into(),
+                        ))
+                    })?
+                    .to_string(),
+            );
+        };
+        self.verified(info, source.size, source.crc32c)
+            .await
+            .map_err(failed)
     }
 
     /// Deletes `bucket/name` if it is still at `generation`; an already-deleted object is fine.
@@ -643,30 +669,6 @@ impl Seek for HashingFile {
             }
         }
         Ok(())
-    }
-}
-
-/// A staging object's bytes as an upload source: the peeked head, then the rest of the stream.
-struct StagingStream {
-    size: u64,
-    head: Option<Bytes>,
-    // `write_object` wants a `Sync` source; the response is only `Send`.
-    response: tokio::sync::Mutex<ReadObjectResponse>,
-}
-
-impl StreamingSource for StagingStream {
-    type Error = std::io::Error;
-
-    async fn next(&mut self) -> Option<Result<Bytes, Self::Error>> {
-        if let Some(head) = self.head.take() {
-            return Some(Ok(head));
-        }
-        let chunk = self.response.get_mut().next().await?;
-        Some(chunk.map_err(std::io::Error::other))
-    }
-
-    async fn size_hint(&self) -> Result<SizeHint, Self::Error> {
-        Ok(SizeHint::with_exact(self.size))
     }
 }
 
