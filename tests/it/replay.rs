@@ -455,6 +455,7 @@ async fn a_replay_paced_by_rate_and_killed_midway_loses_nothing_and_a_rerun_move
     while let Some(line) = lines.next_line().await? {
         first_lines.push(line);
     }
+    // A lower bound only (the pacing's), which no slowness of the machine can break.
     let paced = moved_at[2] - moved_at[0];
     ensure!(
         paced >= Duration::from_millis(400),
