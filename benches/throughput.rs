@@ -30,7 +30,8 @@
 //! Arguments (after `--`): `small`, `large`, `huge` pick scenarios (default:
 //! all). Environment: `BENCH_CONCURRENCY` (32), `BENCH_SMALL_MESSAGES` (500),
 //! `BENCH_LARGE_MESSAGES` (8), `BENCH_LARGE_MIB` (64), `BENCH_HUGE_MIB`
-//! (1024), `BENCH_ROUNDS` (5; medians are reported), `AUDIO_STORE_BIN` (the
+//! (1024), `BENCH_ROUNDS` (5; medians are reported), `BENCH_WARMUP` (1; 0
+//! skips the uncounted first round of the small scenario), `AUDIO_STORE_BIN` (the
 //! worker binary; default `target/release/audio-store`, which must not be older
 //! than `src/`).
 
@@ -150,6 +151,8 @@ struct Params {
     large_size: u64,
     huge_size: u64,
     rounds: usize,
+    /// Whether the small scenario runs one uncounted round first (`BENCH_WARMUP=0` skips it).
+    warmup: bool,
 }
 
 impl Params {
@@ -171,6 +174,7 @@ impl Params {
             large_size: number("BENCH_LARGE_MIB", 64)? * MIB,
             huge_size: number("BENCH_HUGE_MIB", 1024)? * MIB,
             rounds: number("BENCH_ROUNDS", 5)? as usize,
+            warmup: std::env::var("BENCH_WARMUP").map_or(true, |value| value != "0"),
         })
     }
 }
@@ -264,8 +268,15 @@ impl Bench {
             n,
             bytes,
         );
-        for round in 1..=self.params.rounds {
-            println!("\n# {}, round {round}/{}", scenario.title, self.params.rounds);
+        // Round 0 warms up the Java emulator's JIT on the paths these runs use, and is not
+        // counted: a fresh emulator spends a core compiling during its first busy seconds.
+        let first = if self.params.warmup { 0 } else { 1 };
+        for round in first..=self.params.rounds {
+            if round == 0 {
+                println!("\n# {}, warm-up round (not counted)", scenario.title);
+            } else {
+                println!("\n# {}, round {round}/{}", scenario.title, self.params.rounds);
+            }
             let files = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
             let mut audio = harness::sample_wav((SMALL_AUDIO - 44) / 2);
             audio.truncate(SMALL_AUDIO);
@@ -304,6 +315,9 @@ impl Bench {
                 .worker("small worker", &files, &inputs, bytes, Start::Backlog)
                 .await?;
             println!("{}", worker.line(n, bytes));
+            if round == 0 {
+                continue;
+            }
             scenario.rounds.push(Round {
                 gcs,
                 gcs_lookup: Some(lookup),
@@ -349,6 +363,9 @@ impl Bench {
                 .worker(&format!("{name} worker"), &files, &inputs, bytes, Start::Idle)
                 .await?;
             println!("{}", worker.line(n, bytes));
+            if round == 0 {
+                continue;
+            }
             scenario.rounds.push(Round {
                 gcs,
                 gcs_lookup: None,
