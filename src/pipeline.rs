@@ -16,7 +16,7 @@ use crate::message::{AudioMessage, Envelope};
 use crate::metrics::Metrics;
 use crate::pubsub::{Delivery, Outbox};
 use crate::source::{self, LocalContent, LocalFile, Source, SourceError};
-use crate::store::{self, LocalPayload, NewObject, ObjectInfo, StagingObject, Store, StoreError, Written};
+use crate::store::{self, NewObject, ObjectInfo, StagingObject, Store, StoreError, Written};
 use backon::{ExponentialBuilder, Retryable as _};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -291,7 +291,7 @@ impl Pipeline {
             .await
             {
                 Ok(file) => {
-                    let content_type = checked_content(kind, source, file.head(), file.size)?;
+                    let content_type = checked_content(kind, source, &file.head, file.size)?;
                     Ok(Prepared::Local {
                         target: self.target(message, kind, source, content_type),
                         file,
@@ -332,20 +332,17 @@ impl Pipeline {
                     path,
                     size,
                     crc32c,
-                    content,
+                    mut content,
+                    ..
                 } = file;
                 let cleanup = Some(Cleanup::Local(path.clone()));
-                let mut payload = match content {
-                    LocalContent::Read(bytes) => LocalPayload::Bytes(bytes),
-                    LocalContent::Open { file, .. } => LocalPayload::File(file),
-                };
                 if let Some(existing) = self.existing_before_upload(&target, size).await? {
-                    let crc32c = local_crc32c(&path, crc32c, Some(&mut payload)).await?;
+                    let crc32c = local_crc32c(&path, crc32c, Some(&mut content)).await?;
                     return self.existing_part(existing, crc32c, target.content_type, cleanup);
                 }
                 match self
                     .store
-                    .upload_local(payload, size, crc32c, &target.new_object())
+                    .upload_local(content, size, crc32c, &target.new_object())
                     .await?
                 {
                     Written::Created(info) => {
@@ -603,18 +600,18 @@ fn dead_letter_attributes(envelope: &Envelope, failure: &Failure) -> Vec<(String
 }
 
 /// CRC32C of a local source, for comparing with an existing object: the one
-/// known since it was opened, or read from `payload`, or from the file
-/// reopened (when its payload went to an upload).
+/// known since it was opened, or read from `content`, or from the file
+/// reopened (when its content went to an upload).
 async fn local_crc32c(
     path: &std::path::Path,
     known: Option<u32>,
-    payload: Option<&mut LocalPayload>,
+    content: Option<&mut LocalContent>,
 ) -> Result<u32, Failure> {
     let mut reopened;
-    let file = match (known, payload) {
+    let file = match (known, content) {
         (Some(crc32c), _) => return Ok(crc32c),
-        (None, Some(LocalPayload::Bytes(bytes))) => return Ok(crc32c::crc32c(bytes)),
-        (None, Some(LocalPayload::File(file))) => file,
+        (None, Some(LocalContent::Read(bytes))) => return Ok(crc32c::crc32c(bytes)),
+        (None, Some(LocalContent::Open(file))) => file,
         (None, None) => {
             reopened = source::reopen(path).await?;
             &mut reopened

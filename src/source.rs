@@ -126,32 +126,19 @@ pub struct LocalFile {
     pub size: u64,
     /// CRC32C of the content, if it was hashed on opening (see [`open_local`]).
     pub crc32c: Option<u32>,
+    /// Up to [`content::SNIFF_LEN`](crate::content::SNIFF_LEN) leading bytes, to sniff the content type from.
+    pub head: bytes::Bytes,
     /// The bytes, or the open file.
     pub content: LocalContent,
 }
 
-/// What [`open_local`] hands on of a file.
+/// What [`open_local`] hands on of a file's bytes.
 #[derive(Debug)]
 pub enum LocalContent {
     /// The whole file (at most [`IN_MEMORY_LIMIT`] bytes).
     Read(bytes::Bytes),
-    /// A larger file, positioned at its start, and its first bytes for sniffing.
-    Open {
-        /// The open file.
-        file: tokio::fs::File,
-        /// Up to [`content::SNIFF_LEN`](crate::content::SNIFF_LEN) leading bytes.
-        head: Vec<u8>,
-    },
-}
-
-impl LocalFile {
-    /// The leading bytes to sniff the content type from.
-    pub fn head(&self) -> &[u8] {
-        match &self.content {
-            LocalContent::Read(bytes) => &bytes[..bytes.len().min(crate::content::SNIFF_LEN)],
-            LocalContent::Open { head, .. } => head,
-        }
-    }
+    /// A larger file, open and positioned at its start.
+    Open(tokio::fs::File),
 }
 
 /// Resolves `path`, checks that it lies inside one of `roots`, opens it as a
@@ -225,11 +212,13 @@ fn open_local_blocking(path: &Path, roots: &[PathBuf], hash_below: u64) -> Resul
             .read_to_end(&mut bytes)
             .map_err(unreadable)?;
         if bytes.len() as u64 <= IN_MEMORY_LIMIT {
+            let bytes = bytes::Bytes::from(bytes);
             return Ok(LocalFile {
                 path: canonical,
                 size: bytes.len() as u64,
                 crc32c: (size < hash_below).then(|| crc32c::crc32c(&bytes)),
-                content: LocalContent::Read(bytes.into()),
+                head: bytes.slice(..bytes.len().min(crate::content::SNIFF_LEN)),
+                content: LocalContent::Read(bytes),
             });
         }
         size = file.metadata().map_err(unreadable)?.len();
@@ -252,10 +241,8 @@ fn open_local_blocking(path: &Path, roots: &[PathBuf], hash_below: u64) -> Resul
         path: canonical,
         size,
         crc32c,
-        content: LocalContent::Open {
-            file: tokio::fs::File::from_std(file),
-            head,
-        },
+        head: head.into(),
+        content: LocalContent::Open(tokio::fs::File::from_std(file)),
     })
 }
 
@@ -414,7 +401,7 @@ mod tests {
         let opened = open_local(&small, &roots, u64::MAX).await?;
         assert_eq!(opened.size, IN_MEMORY_LIMIT);
         assert_eq!(opened.crc32c, Some(crc32c::crc32c(&at_limit)));
-        assert_eq!(opened.head(), &at_limit[..crate::content::SNIFF_LEN]);
+        assert_eq!(opened.head[..], at_limit[..crate::content::SNIFF_LEN]);
         assert!(matches!(&opened.content, LocalContent::Read(bytes) if bytes[..] == at_limit[..]));
 
         let larger = root.path().join("larger.wav");
@@ -430,9 +417,9 @@ mod tests {
         let opened = open_local(&larger, &roots, IN_MEMORY_LIMIT + 1).await?;
         assert_eq!(opened.crc32c, None, "not hashed from the bound up");
         assert_eq!(opened.size, IN_MEMORY_LIMIT + 1);
-        assert_eq!(opened.head(), &over[..crate::content::SNIFF_LEN]);
+        assert_eq!(opened.head[..], over[..crate::content::SNIFF_LEN]);
         for opened in [hashed, opened] {
-            let LocalContent::Open { mut file, .. } = opened.content else {
+            let LocalContent::Open(mut file) = opened.content else {
                 panic!("a file over the limit is streamed");
             };
             let mut read = Vec::new();

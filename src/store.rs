@@ -9,6 +9,7 @@
 //! the JSON API as well.
 
 use crate::config::{Endpoint, StorageSettings};
+use crate::source::LocalContent;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
@@ -33,15 +34,6 @@ pub const RESUMABLE_THRESHOLD: u64 = 8 * 1024 * 1024;
 const READ_SIZE: usize = 256 * 1024;
 /// Timeout of one control-plane request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A local file to upload: read whole, or open at its start.
-#[derive(Debug)]
-pub enum LocalPayload {
-    /// The whole file.
-    Bytes(Bytes),
-    /// The open file.
-    File(tokio::fs::File),
-}
 
 /// A failed storage operation: what was attempted on which object, and why.
 #[derive(Debug, thiserror::Error)]
@@ -260,7 +252,7 @@ impl Store {
 
     /// Writes a local file as `object` unless one of that name exists.
     ///
-    /// `payload` is the whole file in memory or the open file positioned at
+    /// `content` is the whole file in memory or the open file positioned at
     /// its start; `size` is its length. With the file's CRC32C known
     /// (`crc32c`), it goes up in one request that carries the checksum, which
     /// the server verifies before it creates the object. Without it (large
@@ -272,7 +264,7 @@ impl Store {
     /// reported as transient.
     pub async fn upload_local(
         &self,
-        payload: LocalPayload,
+        content: LocalContent,
         size: u64,
         crc32c: Option<u32>,
         object: &NewObject<'_>,
@@ -282,8 +274,8 @@ impl Store {
             target: uri(&self.bucket, object.name),
             cause,
         };
-        let (result, expected) = match payload {
-            LocalPayload::Bytes(bytes) => {
+        let (result, expected) = match content {
+            LocalContent::Read(bytes) => {
                 let crc32c = crc32c.unwrap_or_else(|| crc32c::crc32c(&bytes));
                 let upload = self
                     .conditional_write(object, bytes)
@@ -291,7 +283,7 @@ impl Store {
                     .send_unbuffered();
                 (Box::pin(upload).await, crc32c)
             }
-            LocalPayload::File(mut file) => {
+            LocalContent::Open(mut file) => {
                 let crc32c = match crc32c {
                     None if size < RESUMABLE_THRESHOLD => Some(crc32c_of(&mut file).await.map_err(failed)?),
                     known => known,
