@@ -16,7 +16,7 @@ use crate::message::{AudioMessage, Envelope};
 use crate::metrics::Metrics;
 use crate::pubsub::{Delivery, Outbox};
 use crate::source::{self, LocalContent, LocalFile, Source, SourceError};
-use crate::store::{self, NewObject, ObjectInfo, StagingObject, Store, StoreError, Written};
+use crate::store::{self, NewObject, ObjectInfo, StagingObject, Store, Written};
 use backon::{ExponentialBuilder, Retryable as _};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -617,11 +617,10 @@ async fn local_crc32c(
             &mut reopened
         }
     };
-    store::crc32c_of(file).await.map_err(|cause| {
-        Failure::from(StoreError {
-            operation: "hash",
-            target: path.display().to_string(),
-            cause,
+    source::crc32c_of_file(file).await.map_err(|error| {
+        Failure::from(SourceError::Unreadable {
+            path: path.display().to_string(),
+            error,
         })
     })
 }

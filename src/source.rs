@@ -246,6 +246,21 @@ fn open_local_blocking(path: &Path, roots: &[PathBuf], hash_below: u64) -> Resul
     })
 }
 
+/// CRC32C of a whole open file, hashed on the blocking pool; leaves it rewound to the start.
+pub async fn crc32c_of_file(file: &mut tokio::fs::File) -> std::io::Result<u32> {
+    use std::io::Seek as _;
+    let mut twin = file.try_clone().await?.into_std().await;
+    let crc32c = tokio::task::spawn_blocking(move || {
+        twin.rewind()?;
+        crc32c_of(&mut twin)
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    // Through `file` itself, so that its own idea of the position is reset too.
+    tokio::io::AsyncSeekExt::rewind(file).await?;
+    Ok(crc32c)
+}
+
 /// CRC32C of what is left to read of `reader`.
 fn crc32c_of(reader: &mut impl std::io::Read) -> std::io::Result<u32> {
     let mut buffer = vec![0_u8; READ_SIZE];
@@ -426,6 +441,23 @@ mod tests {
             tokio::io::AsyncReadExt::read_to_end(&mut file, &mut read).await?;
             assert_eq!(read, over, "the open file is positioned at its start");
         }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_file_is_hashed_whole_from_any_position_and_left_at_its_start()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let path = root.path().join("a.wav");
+        let bytes: Vec<u8> = (0..3 * READ_SIZE as u32 + 17).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &bytes)?;
+        let mut file = tokio::fs::File::open(&path).await?;
+        let mut start = [0_u8; 10];
+        tokio::io::AsyncReadExt::read_exact(&mut file, &mut start).await?;
+        assert_eq!(crc32c_of_file(&mut file).await?, crc32c::crc32c(&bytes));
+        let mut read = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut file, &mut read).await?;
+        assert_eq!(read, bytes);
         Ok(())
     }
 

@@ -9,7 +9,7 @@
 //! the JSON API as well.
 
 use crate::config::{Endpoint, StorageSettings};
-use crate::source::LocalContent;
+use crate::source::{self, LocalContent};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
@@ -30,7 +30,7 @@ use tokio::io::AsyncReadExt as _;
 /// a one-request stream, as a trailing multipart part; fake-gcs stores such
 /// uploads with the wrong bytes, so that is not used.)
 pub const RESUMABLE_THRESHOLD: u64 = 8 * 1024 * 1024;
-/// Read size when hashing a local file.
+/// Read size of a streamed (resumable) upload of a local file.
 const READ_SIZE: usize = 256 * 1024;
 /// Timeout of one control-plane request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -285,7 +285,11 @@ impl Store {
             }
             LocalContent::Open(mut file) => {
                 let crc32c = match crc32c {
-                    None if size < RESUMABLE_THRESHOLD => Some(crc32c_of(&mut file).await.map_err(failed)?),
+                    None if size < RESUMABLE_THRESHOLD => Some(
+                        source::crc32c_of_file(&mut file)
+                            .await
+                            .map_err(|error| failed(error.into()))?,
+                    ),
                     known => known,
                 };
                 match crc32c {
@@ -334,7 +338,7 @@ impl Store {
             // Nothing was written: the checksum is not needed.
             (None, Err(_)) => 0,
             // The upload was resumed mid-file, so the running hash is incomplete: read it again.
-            (None, Ok(_)) => crc32c_of(&mut verify_with).await?,
+            (None, Ok(_)) => source::crc32c_of_file(&mut verify_with).await?,
         };
         Ok((result, crc32c))
     }
@@ -662,23 +666,6 @@ impl Seek for HashingFile {
         }
         Ok(())
     }
-}
-
-/// CRC32C of a whole file, whatever its position; leaves it rewound to the start.
-pub async fn crc32c_of(file: &mut tokio::fs::File) -> Result<u32, StoreCause> {
-    use tokio::io::AsyncSeekExt as _;
-    file.seek(std::io::SeekFrom::Start(0)).await?;
-    let mut buffer = vec![0_u8; READ_SIZE];
-    let mut crc32c = 0_u32;
-    loop {
-        let read = file.read(&mut buffer).await?;
-        if read == 0 {
-            break;
-        }
-        crc32c = crc32c::crc32c_append(crc32c, &buffer[..read]);
-    }
-    file.seek(std::io::SeekFrom::Start(0)).await?;
-    Ok(crc32c)
 }
 
 /// The GCS form of a CRC32C: base64 of the big-endian value.
