@@ -1071,6 +1071,16 @@ impl PubsubRest {
         Ok(())
     }
 
+    /// Pulls up to `max` messages once and acks what arrived.
+    pub async fn pull_and_ack(&self, subscription: &str, max: usize) -> Result<Vec<Received>> {
+        let batch = self.pull(subscription, max).await?;
+        if !batch.is_empty() {
+            let ack_ids: Vec<String> = batch.iter().map(|m| m.ack_id.clone()).collect();
+            self.ack(subscription, &ack_ids).await?;
+        }
+        Ok(batch)
+    }
+
     /// Pulls and acks until `count` messages arrived or `timeout` passed;
     /// returns what arrived (possibly fewer, never more than it saw). Polls
     /// every 100 ms.
@@ -1083,7 +1093,7 @@ impl PubsubRest {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut received = Vec::new();
         while received.len() < count {
-            let batch = self.pull(subscription, count - received.len()).await?;
+            let batch = self.pull_and_ack(subscription, count - received.len()).await?;
             if batch.is_empty() {
                 if tokio::time::Instant::now() >= deadline {
                     break;
@@ -1091,8 +1101,6 @@ impl PubsubRest {
                 tokio::time::sleep(POLL_INTERVAL).await;
                 continue;
             }
-            let ack_ids: Vec<String> = batch.iter().map(|m| m.ack_id.clone()).collect();
-            self.ack(subscription, &ack_ids).await?;
             received.extend(batch);
         }
         Ok(received)
@@ -1125,7 +1133,7 @@ impl PubsubRest {
         let deadline = tokio::time::Instant::now() + window;
         let mut received = Vec::new();
         loop {
-            let batch = self.pull(subscription, 100).await?;
+            let batch = self.pull_and_ack(subscription, 100).await?;
             if batch.is_empty() {
                 if tokio::time::Instant::now() >= deadline {
                     return Ok(received);
@@ -1133,8 +1141,6 @@ impl PubsubRest {
                 tokio::time::sleep(POLL_INTERVAL).await;
                 continue;
             }
-            let ack_ids: Vec<String> = batch.iter().map(|m| m.ack_id.clone()).collect();
-            self.ack(subscription, &ack_ids).await?;
             received.extend(batch);
         }
     }
@@ -1192,12 +1198,7 @@ impl PubsubRest {
         let mut quiet_until = None;
         loop {
             self.release_leases(subscription).await?;
-            let batch = self.pull(subscription, 100).await?;
-            let ack_ids: Vec<String> = batch.iter().map(|m| m.ack_id.clone()).collect();
-            if !ack_ids.is_empty() {
-                self.ack(subscription, &ack_ids).await?;
-            }
-            for message in batch {
+            for message in self.pull_and_ack(subscription, 100).await? {
                 if !received.iter().any(|seen| seen.message_id == message.message_id) {
                     received.push(message);
                 }
