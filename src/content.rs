@@ -50,6 +50,15 @@ const JPEG: ContentType = media("image/jpeg", "jpg", MediaClass::Image);
 const PNG: ContentType = media("image/png", "png", MediaClass::Image);
 const WEBP: ContentType = media("image/webp", "webp", MediaClass::Image);
 
+/// Every content type the store accepts, one per canonical extension.
+pub const ALL: [ContentType; 11] = [WAV, FLAC, MPEG, OGG, OPUS, MP4, AAC, AIFF, JPEG, PNG, WEBP];
+
+/// The accepted content types of one class (the names an object of that kind can have).
+pub fn of_class(class: MediaClass) -> impl Iterator<Item = ContentType> {
+    ALL.into_iter()
+        .filter(move |content_type| content_type.class == class)
+}
+
 /// Fixed signatures: the bytes a file starts with, the bytes at offset 8, and what they mean.
 const SIGNATURES: [(&[u8], &[u8], ContentType); 8] = [
     (b"RIFF", b"WAVE", WAV),

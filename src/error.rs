@@ -152,10 +152,32 @@ impl From<SourceError> for Failure {
 fn source_kind(error: &SourceError) -> ErrorKind {
     match error {
         SourceError::Unsupported(_) | SourceError::NotAFile(_) => ErrorKind::UnsupportedSource,
-        SourceError::NotAllowed(_) => ErrorKind::SourceNotAllowed,
+        SourceError::NotAllowed(_) | SourceError::Changed(_) => ErrorKind::SourceNotAllowed,
         SourceError::Missing(_) => ErrorKind::SourceMissing,
+        SourceError::Unreadable { error, .. } if can_never_be_opened(error) => ErrorKind::UnsupportedSource,
         SourceError::Unreadable { .. } => ErrorKind::SourceUnreadable,
     }
+}
+
+/// Whether a local path fails for what it is, not for the moment: a name too
+/// long, a symlink loop, a file where a directory should be, a socket or a
+/// device, a directory. Retrying such a source can never succeed. Permission
+/// and I/O errors can pass (an operator fixes them) and stay transient.
+fn can_never_be_opened(error: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(
+        Errno::from_io_error(error),
+        Some(
+            Errno::NAMETOOLONG
+                | Errno::LOOP
+                | Errno::NOTDIR
+                | Errno::NXIO
+                | Errno::ISDIR
+                | Errno::NODEV
+                | Errno::INVAL
+                | Errno::OPNOTSUPP
+        )
+    )
 }
 
 impl From<StoreError> for Failure {
@@ -208,6 +230,34 @@ mod tests {
         assert!(!failure.message().contains('\n'));
         assert!(failure.message().chars().count() <= MAX_MESSAGE_CHARS + 1);
         assert!(failure.message().starts_with("a b x"));
+    }
+
+    #[test]
+    fn local_errors_that_can_never_pass_are_permanent_and_the_others_transient() {
+        use rustix::io::Errno;
+        let kind = |errno: Errno| {
+            Failure::from(SourceError::Unreadable {
+                path: "/spool/x.wav".into(),
+                error: errno.into(),
+            })
+            .kind()
+        };
+        for errno in [
+            Errno::NAMETOOLONG,
+            Errno::LOOP,
+            Errno::NOTDIR,
+            Errno::NXIO,
+            Errno::ISDIR,
+        ] {
+            assert_eq!(kind(errno), ErrorKind::UnsupportedSource, "{errno:?}");
+        }
+        for errno in [Errno::ACCESS, Errno::IO, Errno::MFILE, Errno::STALE] {
+            assert_eq!(kind(errno), ErrorKind::SourceUnreadable, "{errno:?}");
+        }
+        assert_eq!(
+            Failure::from(SourceError::Changed("/spool/x.wav".into())).kind(),
+            ErrorKind::SourceNotAllowed
+        );
     }
 
     #[test]

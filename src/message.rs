@@ -9,8 +9,21 @@ use std::collections::{BTreeMap, HashMap};
 pub const MAX_METADATA_ENTRIES: usize = 64;
 /// Most bytes of keys and values together (GCS allows 8 KiB of custom metadata, we add our own).
 pub const MAX_METADATA_BYTES: usize = 6 * 1024;
-/// Metadata keys the worker writes itself; a message may not set them.
-pub const RESERVED_METADATA_KEYS: [&str; 4] = ["audio-id", "kind", "source-uri", "source-message-id"];
+/// Metadata keys the worker writes itself; a message may not set them, nor
+/// anything that differs from one of them only by case, whitespace or
+/// invisible characters (see [`is_reserved`]).
+pub const RESERVED_METADATA_KEYS: [&str; 10] = [
+    "audio-id",
+    "kind",
+    "source-uri",
+    "source-message-id",
+    "codec",
+    "sample-rate",
+    "channels",
+    "duration-ms",
+    "width",
+    "height",
+];
 
 /// A message as Pub/Sub delivered it, free of SDK types.
 #[derive(Debug, Clone, Default)]
@@ -57,6 +70,10 @@ pub struct AudioMessage {
     pub audio: Source,
     /// The cover image, if any.
     pub thumbnail: Option<Source>,
+    /// `audio` exactly as the message sent it, echoed in the stored event.
+    pub audio_as_sent: String,
+    /// `thumbnail` exactly as the message sent it.
+    pub thumbnail_as_sent: Option<String>,
     /// Producer metadata, copied to objects and the event.
     pub metadata: BTreeMap<String, String>,
     /// The publish time of the original message (kept across dead-letter replays), for `{yyyy}` `{mm}` `{dd}`.
@@ -74,16 +91,17 @@ impl AudioMessage {
                 json_type(&value)
             )));
         };
-        let audio = match fields.get("audio") {
+        let (audio, audio_as_sent) = match fields.get("audio") {
             None | Some(serde_json::Value::Null) => {
                 return Err(MessageError::Invalid("audio is required".into()));
             }
-            Some(serde_json::Value::String(text)) => {
+            Some(serde_json::Value::String(text)) => (
                 Source::parse(text, staging_buckets).map_err(|error| MessageError::Source {
                     field: "audio",
                     error,
-                })?
-            }
+                })?,
+                text.clone(),
+            ),
             Some(other) => {
                 return Err(MessageError::Invalid(format!(
                     "audio must be a string, got {}",
@@ -94,12 +112,13 @@ impl AudioMessage {
         let thumbnail = match fields.get("thumbnail") {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(text)) if text.is_empty() => None,
-            Some(serde_json::Value::String(text)) => Some(Source::parse(text, staging_buckets).map_err(
-                |error| MessageError::Source {
+            Some(serde_json::Value::String(text)) => Some((
+                Source::parse(text, staging_buckets).map_err(|error| MessageError::Source {
                     field: "thumbnail",
                     error,
-                },
-            )?),
+                })?,
+                text.clone(),
+            )),
             Some(other) => {
                 return Err(MessageError::Invalid(format!(
                     "thumbnail must be a string or null, got {}",
@@ -130,7 +149,9 @@ impl AudioMessage {
             message_id: envelope.message_id.clone(),
             audio_id: AudioId::from_key(key),
             audio,
-            thumbnail,
+            audio_as_sent,
+            thumbnail_as_sent: thumbnail.as_ref().map(|(_, text)| text.clone()),
+            thumbnail: thumbnail.map(|(source, _)| source),
             metadata,
             published: original_publish_time(envelope),
         })
@@ -184,7 +205,7 @@ fn parse_metadata(value: Option<&serde_json::Value>) -> Result<BTreeMap<String, 
                 "metadata key {key:?} must be 1-128 characters without control characters"
             )));
         }
-        if RESERVED_METADATA_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
+        if is_reserved(key) {
             return Err(MessageError::Invalid(format!(
                 "metadata key {key:?} is reserved for audio-store"
             )));
@@ -198,6 +219,43 @@ fn parse_metadata(value: Option<&serde_json::Value>) -> Result<BTreeMap<String, 
         )));
     }
     Ok(metadata)
+}
+
+/// Whether `key` is one of [`RESERVED_METADATA_KEYS`] once case, whitespace and
+/// invisible characters (format characters such as zero-width spaces, soft
+/// hyphens and byte-order marks, and variation selectors) are ignored.
+pub fn is_reserved(key: &str) -> bool {
+    let visible: String = key
+        .chars()
+        .filter(|c| !c.is_whitespace() && !is_invisible(*c))
+        .flat_map(char::to_lowercase)
+        .collect();
+    RESERVED_METADATA_KEYS.contains(&visible.as_str())
+}
+
+/// Characters that render as nothing: Unicode format characters (Cf) and variation selectors.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{17B4}'
+            | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{E0000}'..='\u{E007F}'
+            | '\u{E0100}'..='\u{E01EF}'
+    )
 }
 
 fn json_type(value: &serde_json::Value) -> &'static str {
@@ -318,6 +376,44 @@ mod tests {
             let error = AudioMessage::parse(&envelope(data), &staging()).expect_err(data);
             assert!(error.to_string().contains(expected), "{data}: {error}");
         }
+    }
+
+    #[test]
+    fn keys_that_only_look_different_from_a_reserved_key_are_rejected() {
+        for key in [
+            "Audio-ID",
+            " audio-id",
+            "audio-id\t",
+            "audio\u{200B}-id",
+            "\u{FEFF}source-uri",
+            "SOURCE-URI\u{00A0}",
+            "kind\u{FE0F}",
+            "Duration-Ms",
+        ] {
+            let data = serde_json::json!({"audio": "/a.wav", "metadata": {key: "x"}}).to_string();
+            let error = AudioMessage::parse(&envelope(&data), &staging()).expect_err(key);
+            assert!(
+                error.to_string().contains("reserved") || error.to_string().contains("control"),
+                "{key:?}: {error}"
+            );
+        }
+        assert!(!is_reserved("audio-ids"));
+        assert!(!is_reserved("user_id"));
+    }
+
+    #[test]
+    fn the_sources_are_kept_as_sent() -> Result<(), MessageError> {
+        let message = AudioMessage::parse(
+            &envelope(r#"{"audio": "file:///a/b%20c.wav", "thumbnail": "gs://audio-staging/x.png"}"#),
+            &staging(),
+        )?;
+        assert_eq!(message.audio, Source::Local("/a/b c.wav".into()));
+        assert_eq!(message.audio_as_sent, "file:///a/b%20c.wav");
+        assert_eq!(
+            message.thumbnail_as_sent.as_deref(),
+            Some("gs://audio-staging/x.png")
+        );
+        Ok(())
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use crate::error::ErrorKind;
 use crate::pipeline::Outcome;
+use crate::source::KeptReason;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -19,6 +20,11 @@ struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     error_kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -39,6 +45,7 @@ pub struct Metrics {
     in_flight: Gauge,
     retries: Family<KindLabels, Counter>,
     dead_lettered: Family<KindLabels, Counter>,
+    sources_kept: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -85,6 +92,17 @@ impl Metrics {
             "Messages published to the dead-letter topic, by error kind",
             dead_lettered.clone(),
         );
+        let sources_kept = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "sources_kept",
+            "Local sources stored but not removed because they were replaced or changed after they were read",
+            sources_kept.clone(),
+        );
+        for reason in KeptReason::ALL {
+            let _ = sources_kept.get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            });
+        }
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -115,7 +133,17 @@ impl Metrics {
             in_flight,
             retries,
             dead_lettered,
+            sources_kept,
         }
+    }
+
+    /// Counts a local source that was stored but kept, and why.
+    pub fn source_kept(&self, reason: KeptReason) {
+        self.sources_kept
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     /// Records how a message ended and how long it took.

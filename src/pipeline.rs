@@ -15,7 +15,7 @@ use crate::layout::{Date, Kind};
 use crate::message::{AudioMessage, Envelope};
 use crate::metrics::Metrics;
 use crate::pubsub::{Delivery, Outbox};
-use crate::source::{self, LocalContent, LocalFile, Source, SourceError};
+use crate::source::{self, KeptReason, LocalContent, LocalFile, Removal, Source, SourceError, SpoolEntry};
 use crate::store::{self, NewObject, ObjectInfo, StagingObject, Store, Written};
 use backon::{ExponentialBuilder, Retryable as _};
 use std::collections::BTreeMap;
@@ -95,7 +95,7 @@ impl Target {
 /// A source to delete after the ack: exactly what was read, nothing else.
 #[derive(Debug, Clone)]
 enum Cleanup {
-    Local(std::path::PathBuf),
+    Local(SpoolEntry),
     Staging {
         bucket: String,
         name: String,
@@ -259,8 +259,8 @@ impl Pipeline {
             thumbnail: thumbnail.map(|t| t.object),
             source: EventSource {
                 message_id: message.message_id.clone(),
-                audio: message.audio.to_string(),
-                thumbnail: message.thumbnail.as_ref().map(Source::to_string),
+                audio: message.audio_as_sent.clone(),
+                thumbnail: message.thumbnail_as_sent.clone(),
             },
             metadata: message.metadata.clone(),
             stored_at: event::format_timestamp(jiff::Timestamp::now()),
@@ -293,14 +293,13 @@ impl Pipeline {
                 Ok(file) => {
                     let content_type = checked_content(kind, source, &file.head, file.size)?;
                     Ok(Prepared::Local {
-                        target: self.target(message, kind, source, content_type),
+                        target: self.target(message, kind, source, content_type)?,
                         file,
                     })
                 }
-                Err(SourceError::Missing(what)) => self
-                    .recover(message, kind, source, what)
-                    .await
-                    .map(Prepared::Stored),
+                Err(SourceError::Missing(what)) => {
+                    self.recover(message, kind, what).await.map(Prepared::Stored)
+                }
                 Err(error) => Err(error.into()),
             },
             Source::Gcs { bucket, object } => match self
@@ -311,12 +310,12 @@ impl Pipeline {
                 Some(staging) => {
                     let content_type = checked_content(kind, source, &staging.head, staging.info.size)?;
                     Ok(Prepared::Staging {
-                        target: self.target(message, kind, source, content_type),
+                        target: self.target(message, kind, source, content_type)?,
                         staging,
                     })
                 }
                 None => self
-                    .recover(message, kind, source, source.to_string())
+                    .recover(message, kind, source.to_string())
                     .await
                     .map(Prepared::Stored),
             },
@@ -333,13 +332,22 @@ impl Pipeline {
                     size,
                     crc32c,
                     mut content,
+                    entry,
                     ..
                 } = file;
-                let cleanup = Some(Cleanup::Local(path.clone()));
+                let cleanup = Some(Cleanup::Local(entry));
                 if let Some(existing) = self.existing_before_upload(&target, size).await? {
-                    let crc32c = local_crc32c(&path, crc32c, Some(&mut content)).await?;
+                    let crc32c = local_crc32c(&path, crc32c, &mut content).await?;
                     return self.existing_part(existing, crc32c, target.content_type, cleanup);
                 }
+                // The same open file, for a comparison after the upload consumed `content`:
+                // never the path again, which may name another file by then.
+                let mut twin = match (&content, crc32c) {
+                    (LocalContent::Open(file), None) => Some(LocalContent::Open(
+                        file.try_clone().await.map_err(|error| unreadable(&path, error))?,
+                    )),
+                    _ => None,
+                };
                 match self
                     .store
                     .upload_local(content, size, crc32c, &target.new_object())
@@ -351,7 +359,13 @@ impl Pipeline {
                     Written::AlreadyExists => {
                         // Lost a race with another delivery of the same message: compare with what it wrote.
                         let existing = self.archived_after_conflict(&target.name).await?;
-                        let crc32c = local_crc32c(&path, crc32c, None).await?;
+                        let crc32c = match (crc32c, &mut twin) {
+                            (Some(crc32c), _) => crc32c,
+                            (None, Some(twin)) => local_crc32c(&path, None, twin).await?,
+                            (None, None) => {
+                                unreachable!("a file without a known CRC32C is open and has a twin")
+                            }
+                        };
                         self.existing_part(existing, crc32c, target.content_type, cleanup)
                     }
                 }
@@ -402,46 +416,44 @@ impl Pipeline {
         kind: Kind,
         source: &Source,
         content_type: ContentType,
-    ) -> Target {
-        Target {
-            name: self.object_name(message, kind, source, content_type),
+    ) -> Result<Target, Failure> {
+        Ok(Target {
+            name: self.object_name(message, kind, content_type),
             content_type,
-            metadata: object_metadata(message, kind, source),
-        }
+            metadata: object_metadata(message, kind, source)?,
+        })
     }
 
     /// The source is gone: stored already by an earlier delivery that crashed after cleanup?
-    async fn recover(
-        &self,
-        message: &AudioMessage,
-        kind: Kind,
-        source: &Source,
-        what: String,
-    ) -> Result<Part, Failure> {
-        let missing = || Failure::new(ErrorKind::SourceMissing, format!("{kind}: {what} does not exist"));
-        let Some(extension) = source.extension() else {
-            return Err(missing());
+    ///
+    /// Object names depend on the content, not on the source's name, so the
+    /// object is looked for under every name its kind can have (one lookup
+    /// per canonical extension, at once); it counts only if its metadata says
+    /// it is this message's.
+    async fn recover(&self, message: &AudioMessage, kind: Kind, what: String) -> Result<Part, Failure> {
+        let lookups = content::of_class(media_class(kind)).map(|content_type| async move {
+            let name = self.object_name(message, kind, content_type);
+            self.store
+                .archived(&name)
+                .await
+                .map(|found| found.map(|existing| (existing, content_type)))
+        });
+        let found = futures::future::try_join_all(lookups).await?;
+        let ours = |existing: &ObjectInfo| {
+            existing.metadata.get("audio-id").map(String::as_str)
+                == Some(message.audio_id.to_string().as_str())
+                && existing.metadata.get("kind").map(String::as_str) == Some(kind.as_str())
         };
-        let content_type = content::from_extension(extension.trim_start_matches('.'));
-        let name = self.settings.storage.layout.render(
-            message.audio_id,
-            kind,
-            &extension,
-            Date::of(message.published),
-        );
-        let Some(existing) = self.store.archived(&name).await? else {
-            return Err(missing());
+        let Some((existing, content_type)) = found.into_iter().flatten().find(|(existing, _)| ours(existing))
+        else {
+            return Err(Failure::new(
+                ErrorKind::SourceMissing,
+                format!("{kind}: {what} does not exist"),
+            ));
         };
-        let ours = existing.metadata.get("audio-id").map(String::as_str)
-            == Some(message.audio_id.to_string().as_str())
-            && existing.metadata.get("kind").map(String::as_str) == Some(kind.as_str());
-        if !ours {
-            return Err(missing());
-        }
         info!(object = %store::uri(&existing.bucket, &existing.name), %kind, "source gone but object stored: a redelivery after cleanup");
-        let mime = content_type.map(|c| c.mime).unwrap_or("application/octet-stream");
         Ok(Part {
-            object: stored_object(existing, mime),
+            object: stored_object(existing, content_type.mime),
             written: false,
             cleanup: None,
         })
@@ -485,49 +497,51 @@ impl Pipeline {
         })
     }
 
-    fn object_name(
-        &self,
-        message: &AudioMessage,
-        kind: Kind,
-        source: &Source,
-        content_type: ContentType,
-    ) -> String {
-        let extension = source
-            .extension()
-            .unwrap_or_else(|| format!(".{}", content_type.extension));
-        self.settings
-            .storage
-            .layout
-            .render(message.audio_id, kind, &extension, Date::of(message.published))
+    /// The object name: from the identity, the kind, the canonical extension of
+    /// the content and the original publish date; never from the source's name.
+    fn object_name(&self, message: &AudioMessage, kind: Kind, content_type: ContentType) -> String {
+        self.settings.storage.layout.render(
+            message.audio_id,
+            kind,
+            &format!(".{}", content_type.extension),
+            Date::of(message.published),
+        )
     }
 
     /// Deletes the sources; failures are logged, never fatal (the data is safe in the archive).
+    ///
+    /// A local source is removed only if its directory entry still is the very
+    /// file that was read and stored (see [`SpoolEntry::remove`]); otherwise it
+    /// is kept, and counted.
     async fn clean_up(&self, cleanups: &[Cleanup]) {
-        let local: Vec<std::path::PathBuf> = cleanups
+        let local: Vec<SpoolEntry> = cleanups
             .iter()
             .filter_map(|cleanup| match cleanup {
-                Cleanup::Local(path) => Some(path.clone()),
+                Cleanup::Local(entry) => Some(entry.clone()),
                 Cleanup::Staging { .. } => None,
             })
             .collect();
         // The local files go in one trip to the blocking pool.
-        let removed = (!local.is_empty()).then(|| {
-            tokio::task::spawn_blocking(move || {
+        if !local.is_empty() {
+            let removals = tokio::task::spawn_blocking(move || {
                 local
-                    .iter()
-                    .filter_map(|path| match std::fs::remove_file(path) {
-                        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                            Some(format!("{}: {error}", path.display()))
-                        }
-                        _ => None,
+                    .into_iter()
+                    .map(|entry| {
+                        let removal = entry.remove();
+                        (entry, removal)
                     })
-                    .collect::<Vec<String>>()
+                    .collect::<Vec<_>>()
             })
-        });
-        let mut errors = match removed {
-            Some(task) => task.await.unwrap_or_else(|error| vec![error.to_string()]),
-            None => Vec::new(),
-        };
+            .await;
+            match removals {
+                Ok(removals) => {
+                    for (entry, removal) in removals {
+                        self.report_removal(&entry, removal);
+                    }
+                }
+                Err(error) => warn!(%error, "stored and acked, but removing the sources failed"),
+            }
+        }
         for cleanup in cleanups {
             if let Cleanup::Staging {
                 bucket,
@@ -536,11 +550,38 @@ impl Pipeline {
             } = cleanup
                 && let Err(error) = self.store.delete(bucket, name, *generation).await
             {
-                errors.push(error.to_string());
+                warn!(%error, "stored and acked, but the source could not be removed");
             }
         }
-        for error in errors {
-            warn!(%error, "stored and acked, but the source could not be removed");
+    }
+
+    fn report_removal(&self, entry: &SpoolEntry, removal: std::io::Result<Removal>) {
+        let path = entry.path().display();
+        match removal {
+            Ok(Removal::Removed) => {}
+            Ok(Removal::Gone) => info!(source = %path, "stored and acked; the source was already gone"),
+            Ok(Removal::Kept {
+                reason,
+                found,
+                left_as,
+            }) => {
+                self.metrics.source_kept(reason);
+                let why = match reason {
+                    KeptReason::Replaced => "another file took its name after it was read",
+                    KeptReason::Changed => "it changed after it was read",
+                };
+                warn!(
+                    source = %path,
+                    reason = reason.as_str(),
+                    stored = %entry.identity(),
+                    found = %found,
+                    left_as = left_as.as_ref().map(|aside| aside.display().to_string()),
+                    "stored and acked, but the source was kept: {why}; what was stored is what was read"
+                );
+            }
+            Err(error) => {
+                warn!(source = %path, %error, "stored and acked, but the source could not be removed")
+            }
         }
     }
 
@@ -600,29 +641,34 @@ fn dead_letter_attributes(envelope: &Envelope, failure: &Failure) -> Vec<(String
 }
 
 /// CRC32C of a local source, for comparing with an existing object: the one
-/// known since it was opened, or read from `content`, or from the file
-/// reopened (when its content went to an upload).
+/// known since it was opened, or read from `content` (the bytes, or the open
+/// file, which is left at its start).
 async fn local_crc32c(
     path: &std::path::Path,
     known: Option<u32>,
-    content: Option<&mut LocalContent>,
+    content: &mut LocalContent,
 ) -> Result<u32, Failure> {
-    let mut reopened;
-    let file = match (known, content) {
-        (Some(crc32c), _) => return Ok(crc32c),
-        (None, Some(LocalContent::Read(bytes))) => return Ok(crc32c::crc32c(bytes)),
-        (None, Some(LocalContent::Open(file))) => file,
-        (None, None) => {
-            reopened = source::reopen(path).await?;
-            &mut reopened
-        }
-    };
-    source::crc32c_of_file(file).await.map_err(|error| {
-        Failure::from(SourceError::Unreadable {
-            path: path.display().to_string(),
-            error,
-        })
+    match (known, content) {
+        (Some(crc32c), _) => Ok(crc32c),
+        (None, LocalContent::Read(bytes)) => Ok(crc32c::crc32c(bytes)),
+        (None, LocalContent::Open(file)) => source::crc32c_of_file(file)
+            .await
+            .map_err(|error| unreadable(path, error)),
+    }
+}
+
+fn unreadable(path: &std::path::Path, error: std::io::Error) -> Failure {
+    Failure::from(SourceError::Unreadable {
+        path: path.display().to_string(),
+        error,
     })
+}
+
+fn media_class(kind: Kind) -> MediaClass {
+    match kind {
+        Kind::Audio => MediaClass::Audio,
+        Kind::Thumbnail => MediaClass::Image,
+    }
 }
 
 /// Sniffs and checks the content of one file against what its kind requires.
@@ -633,12 +679,8 @@ fn checked_content(kind: Kind, source: &Source, head: &[u8], size: u64) -> Resul
             format!("{kind}: {source} is empty"),
         ));
     }
-    let extension = source.extension();
-    let sniffed = content::sniff(head, extension.as_deref().map(|e| e.trim_start_matches('.')));
-    let wanted = match kind {
-        Kind::Audio => MediaClass::Audio,
-        Kind::Thumbnail => MediaClass::Image,
-    };
+    let sniffed = content::sniff(head, source.extension().as_deref());
+    let wanted = media_class(kind);
     match sniffed {
         Some(content_type) if content_type.class == wanted => Ok(content_type),
         Some(content_type) => Err(Failure::new(
@@ -663,13 +705,32 @@ fn expected(class: MediaClass) -> &'static str {
     }
 }
 
-fn object_metadata(message: &AudioMessage, kind: Kind, source: &Source) -> BTreeMap<String, String> {
+/// Most bytes of custom metadata (keys and values) GCS accepts on one object.
+const MAX_OBJECT_METADATA_BYTES: usize = 8 * 1024;
+
+/// The object's custom metadata: the message's plus the reserved keys; an
+/// `invalid_message` if together they exceed GCS's 8 KiB (a long source path
+/// with a large metadata map), which no retry could fix.
+fn object_metadata(
+    message: &AudioMessage,
+    kind: Kind,
+    source: &Source,
+) -> Result<BTreeMap<String, String>, Failure> {
     let mut metadata = message.metadata.clone();
     metadata.insert("audio-id".into(), message.audio_id.to_string());
     metadata.insert("kind".into(), kind.as_str().into());
     metadata.insert("source-uri".into(), source.uri());
     metadata.insert("source-message-id".into(), message.message_id.clone());
-    metadata
+    let bytes: usize = metadata.iter().map(|(key, value)| key.len() + value.len()).sum();
+    if bytes > MAX_OBJECT_METADATA_BYTES {
+        return Err(Failure::new(
+            ErrorKind::InvalidMessage,
+            format!(
+                "{kind}: the object metadata would be {bytes} bytes (the message's metadata plus source-uri and the other reserved keys), more than the {MAX_OBJECT_METADATA_BYTES} Cloud Storage allows"
+            ),
+        ));
+    }
+    Ok(metadata)
 }
 
 fn created_part(
