@@ -701,9 +701,20 @@ impl Settings {
                 level: self.log.level.clone(),
             },
         };
-        toml::to_string(&raw).unwrap_or_else(|error| format!("# cannot render: {error}\n"))
+        let mut text = toml::to_string(&raw).unwrap_or_else(|error| format!("# cannot render: {error}\n"));
+        if self.storage.layout.is_dated() {
+            text.push_str(DATED_LAYOUT_NOTE);
+        }
+        text
     }
 }
+
+/// What `check-config` says about a layout with `{yyyy}` `{mm}` `{dd}`.
+const DATED_LAYOUT_NOTE: &str = "\
+# note: storage.layout is dated. Redeliveries and replays keep the original publish date,
+# but a producer that publishes the same id again on another day (a new message, not a
+# redelivery) gets a second object set under the new date.
+";
 
 impl RawSettings {
     /// Reads the file (if any) and applies `AUDIO_STORE__SECTION__KEY` overrides.
@@ -1113,6 +1124,30 @@ mod tests {
         std::fs::write(&path, settings.effective_toml())?;
         let reloaded = Settings::load(Some(&path), &Environment::new())?;
         assert_eq!(reloaded.effective_toml(), settings.effective_toml());
+        Ok(())
+    }
+
+    #[test]
+    fn a_dated_layout_gets_a_note_that_still_loads_back() -> Result<(), Box<dyn std::error::Error>> {
+        let plain = Settings::load(None, &minimal())?;
+        assert!(!plain.effective_toml().contains("# note:"));
+        let dated = Settings::load(
+            None,
+            &with(
+                minimal(),
+                "AUDIO_STORE__STORAGE__LAYOUT",
+                "{yyyy}/{mm}/{audio_id}/{kind}{ext}",
+            ),
+        )?;
+        let text = dated.effective_toml();
+        assert!(text.contains("# note: storage.layout is dated"), "{text}");
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("effective.toml");
+        std::fs::write(&path, &text)?;
+        assert_eq!(
+            Settings::load(Some(&path), &Environment::new())?.effective_toml(),
+            text
+        );
         Ok(())
     }
 }

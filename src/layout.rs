@@ -146,6 +146,13 @@ impl Layout {
         Ok(layout)
     }
 
+    /// Whether names contain the date (`{yyyy}`, `{mm}` or `{dd}`).
+    pub fn is_dated(&self) -> bool {
+        self.segments
+            .iter()
+            .any(|segment| matches!(segment, Segment::Year | Segment::Month | Segment::Day))
+    }
+
     /// The template as configured.
     pub fn template(&self) -> &str {
         &self.template
@@ -240,6 +247,14 @@ mod tests {
             layout.render(id, Kind::Audio, "", date()),
             format!("2026/03/07/{id}-audio")
         );
+        Ok(())
+    }
+
+    #[test]
+    fn only_layouts_with_a_date_placeholder_are_dated() -> Result<(), LayoutError> {
+        assert!(!Layout::parse(DEFAULT_LAYOUT)?.is_dated());
+        assert!(Layout::parse("{yyyy}/{audio_id}/{kind}{ext}")?.is_dated());
+        assert!(Layout::parse("x/{audio_id}/{dd}/{kind}")?.is_dated());
         Ok(())
     }
 

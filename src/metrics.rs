@@ -201,6 +201,15 @@ impl Metrics {
             .get()
     }
 
+    /// How many stored sources were kept for `reason`.
+    pub fn sources_kept(&self, reason: KeptReason) -> u64 {
+        self.sources_kept
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .get()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut text = String::new();

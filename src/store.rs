@@ -735,16 +735,16 @@ fn object_from_json(body: &serde_json::Value) -> Result<ObjectInfo, StoreCause> 
     })
 }
 
+/// What a JSON API path segment keeps unencoded: RFC 3986 unreserved characters.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes one URL path segment (object names contain `/`).
 fn encode(segment: &str) -> String {
-    let mut encoded = String::with_capacity(segment.len());
-    for byte in segment.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => encoded.push(byte as char),
-            other => encoded.push_str(&format!("%{other:02X}")),
-        }
-    }
-    encoded
+    percent_encoding::utf8_percent_encode(segment, PATH_SEGMENT).to_string()
 }
 
 #[cfg(test)]

@@ -31,9 +31,31 @@ async fn every_bad_message_is_dead_lettered_with_its_kind_and_nothing_is_deleted
     let wav_as_cover = env.spool_file("cover.wav", &sample_wav(500));
     std::fs::create_dir(spool.join("folder.wav"))?;
     let fifo = spool.join("pipe.wav");
-    let fifo_c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a valid NUL-terminated path and a plain mode.
-    ensure!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) } == 0, "mkfifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )?;
+    // Local paths that can never be opened: each is permanent, not retried.
+    let socket = spool.join("socket.wav");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket)?;
+    std::os::unix::fs::symlink(spool.join("loop-b.wav"), spool.join("loop-a.wav"))?;
+    std::os::unix::fs::symlink(spool.join("loop-a.wav"), spool.join("loop-b.wav"))?;
+    let too_long = spool.join(format!("{}.wav", "n".repeat(300)));
+    let under_a_file = good_audio.join("inner.wav");
+    let newline_uri = format!("file://{}/fine%0A.wav", spool.display());
+    // A long path (source-uri) and large metadata fit alone, but not together in 8 KiB.
+    let deep = (0..10).fold(spool.clone(), |path, level| {
+        path.join(format!("{level} {}", "a b ".repeat(50)))
+    });
+    std::fs::create_dir_all(&deep)?;
+    let deep_audio = deep.join("deep.wav");
+    std::fs::write(&deep_audio, sample_wav(800))?;
+    let large_metadata: serde_json::Map<String, serde_json::Value> = (0..10)
+        .map(|i| (format!("note-{i}"), json!("x".repeat(590))))
+        .collect();
     let huge_metadata: serde_json::Map<String, serde_json::Value> = (0..5_000)
         .map(|i| (format!("key-{i}"), json!("v".repeat(20))))
         .collect();
@@ -124,6 +146,47 @@ async fn every_bad_message_is_dead_lettered_with_its_kind_and_nothing_is_deleted
             "source_missing",
         ),
         (
+            "name-too-long",
+            json!({"audio": path(&too_long)}).to_string().into_bytes(),
+            "unsupported_source",
+        ),
+        (
+            "symlink-loop",
+            json!({"audio": path(&spool.join("loop-a.wav"))})
+                .to_string()
+                .into_bytes(),
+            "unsupported_source",
+        ),
+        (
+            "file-as-directory",
+            json!({"audio": path(&under_a_file)}).to_string().into_bytes(),
+            "unsupported_source",
+        ),
+        (
+            "unix-socket",
+            json!({"audio": path(&socket)}).to_string().into_bytes(),
+            "unsupported_source",
+        ),
+        (
+            "encoded-newline",
+            json!({"audio": newline_uri}).to_string().into_bytes(),
+            "unsupported_source",
+        ),
+        (
+            "reserved-key-lookalike",
+            json!({"audio": path(&good_audio), "metadata": {"Source-URI\u{200B}": "forged"}})
+                .to_string()
+                .into_bytes(),
+            "invalid_message",
+        ),
+        (
+            "metadata-over-8-kib-with-source-uri",
+            json!({"audio": path(&deep_audio), "metadata": large_metadata})
+                .to_string()
+                .into_bytes(),
+            "invalid_message",
+        ),
+        (
             "zero-bytes",
             json!({"audio": path(&empty)}).to_string().into_bytes(),
             "bad_content",
@@ -203,6 +266,7 @@ async fn every_bad_message_is_dead_lettered_with_its_kind_and_nothing_is_deleted
         &good_audio,
         &wav_as_cover,
         &spool.join("link-out.wav"),
+        &deep_audio,
     ] {
         ensure!(kept.exists(), "{} was deleted", kept.display());
     }

@@ -11,5 +11,6 @@ mod operations;
 mod proxy;
 mod replay;
 mod resilience;
+mod spool;
 mod support;
 mod worker;

@@ -1138,44 +1138,21 @@ fn object_request(head: &Head, raw: &[u8]) -> Option<BytesMut> {
         .strip_prefix("/upload/storage/v1/b/")?
         .split_once("/o?")?
         .0;
-    let name = percent_decode(query_param(&head.target, "name")?)?;
-    let mut path = format!("/storage/v1/b/{bucket}/o/");
-    for byte in name {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            path.push(char::from(byte));
-        } else {
-            path.push_str(&format!("%{byte:02X}"));
-        }
-    }
+    let name = query_param(&head.target, "name")?.replace('+', " ");
+    let name: Vec<u8> = percent_encoding::percent_decode_str(&name).collect();
+    const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let path = format!(
+        "/storage/v1/b/{bucket}/o/{}",
+        percent_encoding::percent_encode(&name, UNRESERVED)
+    );
     let headers = &raw[find(raw, b"\r\n")?..];
     let mut rewritten = BytesMut::from(format!("GET {path} HTTP/1.1").as_bytes());
     rewritten.extend_from_slice(headers);
     Some(rewritten)
-}
-
-/// Decodes a query value (`%XX`, `+` for a space).
-fn percent_decode(value: &str) -> Option<Vec<u8>> {
-    let bytes = value.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        match bytes[at] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(at + 1..at + 3)?).ok()?;
-                decoded.push(u8::from_str_radix(hex, 16).ok()?);
-                at += 3;
-            }
-            b'+' => {
-                decoded.push(b' ');
-                at += 1;
-            }
-            byte => {
-                decoded.push(byte);
-                at += 1;
-            }
-        }
-    }
-    Some(decoded)
 }
 
 fn parse_head(raw: &[u8]) -> Result<Head> {

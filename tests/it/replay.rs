@@ -298,9 +298,11 @@ async fn messages_pubsub_dead_lettered_after_max_attempts_are_replayed_and_store
     // to publish its event, until Pub/Sub gives up and dead-letters the message itself.
     let late_topic = format!("{}-late", env.stored_topic);
     let audio = env.spool_file("maxed.wav", &sample_wav(2_000));
+    let before = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1);
     env.pubsub
         .publish_json(&env.topic, &json!({"audio": audio, "id": "maxed-out"}), &[])
         .await?;
+    let after = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1);
     let failing = Worker::start(settings(
         &env,
         &[
@@ -326,6 +328,17 @@ async fn messages_pubsub_dead_lettered_after_max_attempts_are_replayed_and_store
         dead.attribute("CloudPubSubDeadLetterSourceDeliveryCount")
             .is_some(),
         "dead-lettered by Pub/Sub: {dead:?}"
+    );
+    // The source topic's publish time, which dated layouts are rendered from after a replay.
+    let original = dead
+        .attribute("CloudPubSubDeadLetterSourceTopicPublishTime")
+        .context("the original publish time")?;
+    let original: jiff::Timestamp = original
+        .parse()
+        .with_context(|| format!("CloudPubSubDeadLetterSourceTopicPublishTime {original:?}"))?;
+    ensure!(
+        before <= original && original <= after,
+        "{original} is the first publish"
     );
     ensure!(audio.exists(), "no event, no deletion");
 
@@ -538,6 +551,54 @@ async fn a_replay_paced_by_rate_and_killed_midway_loses_nothing_and_a_rerun_move
         env.gcs.list(&env.bucket, "").await?.len(),
         COUNT,
         "one object set each"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_pubsub_dead_lettered_long_ago_is_stored_under_its_original_date_when_replayed()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let layout = [(
+        "AUDIO_STORE__STORAGE__LAYOUT",
+        "{yyyy}/{mm}/{dd}/{audio_id}/{kind}{ext}",
+    )];
+    // What Pub/Sub's own dead-lettering leaves on a message first published on 2 January 2025
+    // (the attribute as the emulator writes it, see the test above), the producer's key absent.
+    let audio = env.spool_file("old.wav", &sample_wav(1_500));
+    let dead_id = env
+        .pubsub
+        .publish_json(
+            &env.dead_letter_topic,
+            &json!({"audio": audio}),
+            &[
+                ("CloudPubSubDeadLetterSourceDeliveryCount", "5"),
+                (
+                    "CloudPubSubDeadLetterSourceSubscription",
+                    env.subscription.as_str(),
+                ),
+                (
+                    "CloudPubSubDeadLetterSourceTopicPublishTime",
+                    "2025-01-02T03:04:05.678Z",
+                ),
+            ],
+        )
+        .await?;
+    let (code, stdout, stderr) = replay(&env, &[]).await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    ensure!(stdout.contains("moved 1,"), "{stdout}");
+    let worker = Worker::start(settings(&env, &layout)?);
+    let events = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    worker.stop().await?;
+    ensure!(events.len() == 1, "stored after the replay");
+    let event = event_json(&events[0])?;
+    let audio_id = AudioId::from_key(IdentityKey::MessageId(&dead_id)).to_string();
+    assert_eq!(event["audio_id"], audio_id);
+    assert_eq!(
+        event["audio"]["name"],
+        format!("2025/01/02/{audio_id}/audio.wav"),
+        "the original date, not the replay's"
     );
     Ok(())
 }

@@ -1,0 +1,379 @@
+//! The spool under attack and under concurrent writers: a directory swapped
+//! for a symlink in a loop, a file renamed over a source or written to while
+//! it is stored, one logical message under other names, and sources whose
+//! names say nothing about their content.
+
+use crate::harness::{FakeGcs, TestEnv, crc32c_base64, sample_png, sample_wav, wait_for};
+use crate::proxy::FaultProxy;
+use crate::support::{Worker, audio_id_for, event_json, settings};
+use anyhow::{Context as _, ensure};
+use audio_store::source::KeptReason;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+/// How long to watch for an unwanted dead letter.
+const QUIET_WINDOW: Duration = Duration::from_secs(2);
+
+/// Exchanges two directory entries (`renameat2(RENAME_EXCHANGE)`) as fast as it
+/// can until stopped; returns how often it did.
+fn swap_in_a_loop(first: &Path, second: &Path, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let (first, second) = (first.to_path_buf(), second.to_path_buf());
+    std::thread::spawn(move || {
+        let mut swaps = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &first,
+                rustix::fs::CWD,
+                &second,
+                rustix::fs::RenameFlags::EXCHANGE,
+            )
+            .is_ok()
+            {
+                swaps += 1;
+            }
+        }
+        swaps
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_directory_swapped_with_a_symlink_in_a_loop_never_exposes_a_file_outside_the_root()
+-> anyhow::Result<()> {
+    const MESSAGES: usize = 48;
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let outside = tempfile::tempdir()?;
+    let (inside_dir, link) = (env.spool_path("sub"), env.spool_path("link"));
+    std::fs::create_dir(&inside_dir)?;
+    std::os::unix::fs::symlink(outside.path(), &link)?;
+    // The same names inside and outside; outside, other (valid) audio that must never be read.
+    let mut outside_bytes = BTreeMap::new();
+    let mut inside_crc = BTreeMap::new();
+    for index in 0..MESSAGES {
+        let name = format!("track-{index}.wav");
+        let decoy = sample_wav(5_000 + index);
+        std::fs::write(outside.path().join(&name), &decoy)?;
+        outside_bytes.insert(name.clone(), decoy);
+        let audio = sample_wav(1_000 + index);
+        std::fs::write(inside_dir.join(&name), &audio)?;
+        inside_crc.insert(audio_id_for(&format!("swap-{index}")), crc32c_base64(&audio));
+    }
+    let outside_crcs: Vec<String> = outside_bytes.values().map(|bytes| crc32c_base64(bytes)).collect();
+
+    let worker = Worker::start(settings(&env, &[("AUDIO_STORE__WORKER__CONCURRENCY", "8")])?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = swap_in_a_loop(&inside_dir, &link, stop.clone());
+    for index in 0..MESSAGES {
+        let path = inside_dir.join(format!("track-{index}.wav"));
+        env.pubsub
+            .publish_json(
+                &env.topic,
+                &json!({"audio": path, "id": format!("swap-{index}")}),
+                &[],
+            )
+            .await?;
+    }
+    let metrics = worker.health.metrics.clone();
+    let settled = wait_for("every message settled", TIMEOUT, || async {
+        let settled = metrics.messages("stored") + metrics.messages("dead_lettered");
+        Ok((settled as usize >= MESSAGES).then_some(settled))
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper
+        .join()
+        .map_err(|_| anyhow::anyhow!("the swapper panicked"))?;
+    let summary = worker.stop().await?;
+    settled?;
+    ensure!(swaps > MESSAGES as u64, "the loop swapped only {swaps} times");
+
+    for (name, bytes) in &outside_bytes {
+        let now = std::fs::read(outside.path().join(name))
+            .with_context(|| format!("{name} outside was deleted"))?;
+        ensure!(&now == bytes, "{name} outside was changed");
+    }
+    let objects = env.gcs.list(&env.bucket, "").await?;
+    for object in &objects {
+        ensure!(
+            !outside_crcs.contains(&object.crc32c),
+            "{} holds the bytes of a file outside the root",
+            object.name
+        );
+        let audio_id = object.metadata.get("audio-id").context("audio-id")?;
+        assert_eq!(inside_crc.get(audio_id), Some(&object.crc32c), "{}", object.name);
+    }
+    let dead = env
+        .pubsub
+        .collect(
+            &env.dead_letter_subscription,
+            summary.dead_lettered as usize,
+            TIMEOUT,
+        )
+        .await?;
+    for message in &dead {
+        assert_eq!(
+            message.attribute("error_kind"),
+            Some("source_not_allowed"),
+            "{message:?}"
+        );
+    }
+    assert_eq!(objects.len() as u64, summary.stored, "{summary:?}");
+    assert_eq!(
+        summary.stored + summary.dead_lettered,
+        MESSAGES as u64,
+        "{summary:?}"
+    );
+    // What was stored was removed from the real directory (wherever the loop left it), the rest kept.
+    let real = if std::fs::symlink_metadata(&inside_dir)?.is_dir() {
+        inside_dir
+    } else {
+        link
+    };
+    let left = std::fs::read_dir(&real)?.count() as u64;
+    assert_eq!(left, summary.dead_lettered, "files left in the spool directory");
+    Ok(())
+}
+
+/// A worker whose storage requests go through a fault proxy, ready, with the proxy's request count then.
+async fn worker_behind_a_proxy(env: &TestEnv, proxy: &FaultProxy) -> anyhow::Result<(Worker, u64)> {
+    let endpoint = proxy.endpoint();
+    let worker = Worker::start(settings(env, &[("STORAGE_EMULATOR_HOST", &endpoint)])?);
+    let health = worker.health.clone();
+    wait_for("the worker ready", TIMEOUT, || async {
+        Ok(health.is_ready().then_some(()))
+    })
+    .await?;
+    Ok((worker, proxy.stats().requests))
+}
+
+/// Publishes `path` as message `id` and returns once its upload reached the
+/// (slowed) storage: by then the worker has read the file.
+async fn publish_and_wait_for_the_upload(
+    env: &TestEnv,
+    proxy: &FaultProxy,
+    requests_before: u64,
+    path: &Path,
+    id: &str,
+) -> anyhow::Result<()> {
+    proxy.set_latency(Duration::from_secs(3));
+    env.pubsub
+        .publish_json(&env.topic, &json!({"audio": path, "id": id}), &[])
+        .await?;
+    wait_for("the upload request", TIMEOUT, || async {
+        Ok((proxy.stats().requests > requests_before).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_renamed_over_the_source_during_its_upload_is_kept_and_stored_by_its_own_message()
+-> anyhow::Result<()> {
+    let gcs = FakeGcs::start_memory()?;
+    let proxy = FaultProxy::start(&gcs.endpoint())?;
+    let env = TestEnv::with_gcs(&gcs.endpoint());
+    env.create_resources().await?;
+    let (worker, requests) = worker_behind_a_proxy(&env, &proxy).await?;
+    let (old, new) = (sample_wav(2_000), sample_wav(3_000));
+    let path = env.spool_file("track.wav", &old);
+    publish_and_wait_for_the_upload(&env, &proxy, requests, &path, "old-take").await?;
+    // Upstream's atomic write of the next take: write aside, rename over.
+    let temporary = env.spool_file("track.wav.tmp", &new);
+    std::fs::rename(&temporary, &path)?;
+    let first = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    ensure!(first.len() == 1, "the old take stored");
+    assert_eq!(event_json(&first[0])?["audio"]["crc32c"], crc32c_base64(&old));
+    assert_eq!(std::fs::read(&path)?, new, "the new take is not deleted");
+    let metrics = worker.health.metrics.clone();
+    assert_eq!(metrics.sources_kept(KeptReason::Replaced), 1);
+
+    proxy.clear_faults();
+    env.pubsub
+        .publish_json(&env.topic, &json!({"audio": path, "id": "new-take"}), &[])
+        .await?;
+    let second = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    let dead = env
+        .pubsub
+        .drain_for(&env.dead_letter_subscription, QUIET_WINDOW)
+        .await?;
+    let summary = worker.stop().await?;
+    ensure!(
+        second.len() == 1 && dead.is_empty(),
+        "the new take stored: {dead:?}"
+    );
+    let second = event_json(&second[0])?;
+    assert_eq!(second["audio_id"], audio_id_for("new-take"));
+    assert_eq!(second["audio"]["crc32c"], crc32c_base64(&new));
+    ensure!(!path.exists(), "removed once its own message stored it");
+    assert_eq!(summary.stored, 2, "{summary:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_to_after_it_was_read_is_stored_as_read_and_not_deleted() -> anyhow::Result<()> {
+    let gcs = FakeGcs::start_memory()?;
+    let proxy = FaultProxy::start(&gcs.endpoint())?;
+    let env = TestEnv::with_gcs(&gcs.endpoint());
+    env.create_resources().await?;
+    let (worker, requests) = worker_behind_a_proxy(&env, &proxy).await?;
+    let first_part = sample_wav(2_000);
+    let path = env.spool_file("growing.wav", &first_part);
+    publish_and_wait_for_the_upload(&env, &proxy, requests, &path, "growing").await?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)?
+        .write_all(&sample_wav(500)[44..])?;
+    let events = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    let metrics = worker.health.metrics.clone();
+    worker.stop().await?;
+    ensure!(events.len() == 1, "stored");
+    assert_eq!(
+        event_json(&events[0])?["audio"]["crc32c"],
+        crc32c_base64(&first_part),
+        "what was read"
+    );
+    ensure!(path.exists(), "a file that changed after it was read is kept");
+    assert_eq!(std::fs::metadata(&path)?.len(), first_part.len() as u64 + 1_000);
+    assert_eq!(metrics.sources_kept(KeptReason::Changed), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_id_under_other_names_and_a_symlink_gives_one_object_set_and_no_dead_letter() -> anyhow::Result<()>
+{
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let audio = sample_wav(2_500);
+    let real = env.spool_file("real.wav", &audio);
+    let alias = env.spool_path("alias.flac");
+    std::os::unix::fs::symlink(&real, &alias)?;
+    let spellings = [
+        env.spool_file("first.wav", &audio),
+        env.spool_file("second.wave", &audio),
+        env.spool_file("THIRD.WAV", &audio),
+        env.spool_file("fourth", &audio),
+        alias.clone(),
+    ];
+    let worker = Worker::start(settings(&env, &[])?);
+    let mut names = Vec::new();
+    for path in &spellings {
+        // One after the other, so each delivery finds what the one before stored.
+        env.pubsub
+            .publish_json(&env.topic, &json!({"audio": path, "id": "one-take"}), &[])
+            .await?;
+        let events = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+        ensure!(events.len() == 1, "{} stored", path.display());
+        names.push(event_json(&events[0])?["audio"]["name"].clone());
+    }
+    let dead = env
+        .pubsub
+        .drain_for(&env.dead_letter_subscription, QUIET_WINDOW)
+        .await?;
+    let summary = worker.stop().await?;
+    ensure!(dead.is_empty(), "dead-lettered: {dead:?}");
+    let expected = format!("audio/{}/audio.wav", audio_id_for("one-take"));
+    for name in &names {
+        assert_eq!(name, &json!(expected));
+    }
+    let objects: Vec<String> = env
+        .gcs
+        .list(&env.bucket, "")
+        .await?
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    assert_eq!(objects, [expected]);
+    assert_eq!((summary.stored, summary.already_stored), (1, 4), "{summary:?}");
+    for path in spellings.iter().take(4).chain([&real]) {
+        ensure!(!path.exists(), "{} removed", path.display());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_without_an_extension_redelivered_after_cleanup_are_recognised_as_stored()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let audio = env.spool_file("take-0042", &sample_wav(1_800));
+    let cover = env.spool_file("cover-0042", &sample_png());
+    let data = json!({"audio": audio, "thumbnail": cover, "id": "no-extension"});
+    let worker = Worker::start(settings(&env, &[])?);
+    env.pubsub.publish_json(&env.topic, &data, &[]).await?;
+    let first = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    ensure!(
+        first.len() == 1 && !audio.exists() && !cover.exists(),
+        "stored and cleaned up"
+    );
+    env.pubsub.publish_json(&env.topic, &data, &[]).await?;
+    let second = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    let dead = env
+        .pubsub
+        .drain_for(&env.dead_letter_subscription, QUIET_WINDOW)
+        .await?;
+    let summary = worker.stop().await?;
+    ensure!(
+        second.len() == 1 && dead.is_empty(),
+        "recognised, not dead-lettered: {dead:?}"
+    );
+    let (first, second) = (event_json(&first[0])?, event_json(&second[0])?);
+    let prefix = format!("audio/{}", audio_id_for("no-extension"));
+    assert_eq!(first["audio"]["name"], format!("{prefix}/audio.wav"));
+    assert_eq!(first["thumbnail"]["name"], format!("{prefix}/thumbnail.png"));
+    assert_eq!(second["audio"], first["audio"]);
+    assert_eq!(second["thumbnail"], first["thumbnail"]);
+    assert_eq!((summary.stored, summary.already_stored), (1, 1), "{summary:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_uri_metadata_is_an_encoded_file_uri_and_the_event_echoes_the_sources_as_sent()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let name = "take 1 %41#b?c.wav";
+    let path = env.spool_file(name, &sample_wav(1_200));
+    let spool = env.spool.path().display().to_string();
+    ensure!(
+        spool
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b)),
+        "the test expects a plain spool path: {spool}"
+    );
+    let as_sent = format!("file://{spool}/take%201%20%2541%23b%3Fc.wav");
+    let cover = env.spool_file("cover.png", &sample_png());
+    let worker = Worker::start(settings(&env, &[])?);
+    env.pubsub
+        .publish_json(
+            &env.topic,
+            &json!({"audio": as_sent, "thumbnail": cover, "id": "uri"}),
+            &[],
+        )
+        .await?;
+    let events = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    worker.stop().await?;
+    ensure!(events.len() == 1, "stored");
+    let event = event_json(&events[0])?;
+    assert_eq!(event["source"]["audio"], as_sent, "as sent, not normalised");
+    assert_eq!(event["source"]["thumbnail"], cover.display().to_string());
+    ensure!(!path.exists(), "the decoded path was read and removed");
+    let name = event["audio"]["name"].as_str().context("name")?;
+    let object = env.gcs.object(&env.bucket, name).await?.context("stored")?;
+    assert_eq!(object.metadata["source-uri"], as_sent);
+    let cover_object = env
+        .gcs
+        .object(&env.bucket, event["thumbnail"]["name"].as_str().context("name")?)
+        .await?
+        .context("stored")?;
+    assert_eq!(
+        cover_object.metadata["source-uri"],
+        format!("file://{spool}/cover.png")
+    );
+    Ok(())
+}
