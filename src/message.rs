@@ -169,9 +169,34 @@ fn original_publish_time(envelope: &Envelope) -> jiff::Timestamp {
     ]
     .iter()
     .filter_map(|name| envelope.attributes.get(*name))
-    .find_map(|text| text.parse::<jiff::Timestamp>().ok())
+    .find_map(|text| parse_publish_time(text))
     .or(envelope.publish_time)
     .unwrap_or_else(jiff::Timestamp::now)
+}
+
+/// A publish time as an attribute carries it: RFC 3339 (what we write, and what
+/// the emulator's dead-lettering writes), or the other spellings a service may
+/// use (`2025-01-02 03:04:05.678 +0000 UTC`, seconds or milliseconds since the
+/// epoch), so that a replay never silently falls back to today's date.
+pub fn parse_publish_time(text: &str) -> Option<jiff::Timestamp> {
+    let text = text.trim();
+    if let Ok(timestamp) = text.parse::<jiff::Timestamp>() {
+        return Some(timestamp);
+    }
+    let civil = text
+        .trim_end_matches(" UTC")
+        .trim_end_matches(" +0000")
+        .trim_end_matches(" +00:00")
+        .replacen(' ', "T", 1);
+    if let Ok(datetime) = civil.parse::<jiff::civil::DateTime>() {
+        return datetime
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .ok()
+            .map(|zoned| zoned.timestamp());
+    }
+    let number: f64 = text.parse().ok().filter(|n: &f64| n.is_finite() && *n > 0.0)?;
+    let seconds = if number < 1e11 { number } else { number / 1_000.0 };
+    jiff::Timestamp::from_microsecond((seconds * 1e6).round() as i64).ok()
 }
 
 fn parse_metadata(value: Option<&serde_json::Value>) -> Result<BTreeMap<String, String>, MessageError> {
@@ -343,6 +368,24 @@ mod tests {
             message.published,
             "2025-01-02T03:04:05Z".parse::<jiff::Timestamp>()?
         );
+        Ok(())
+    }
+
+    #[test]
+    fn publish_times_parse_in_every_spelling_a_dead_letter_may_carry() -> Result<(), jiff::Error> {
+        let expected: jiff::Timestamp = "2025-01-02T03:04:05.678Z".parse()?;
+        for text in [
+            "2025-01-02T03:04:05.678Z",
+            "2025-01-02T03:04:05.678+00:00",
+            "2025-01-02 03:04:05.678 +0000 UTC",
+            "2025-01-02 03:04:05.678 UTC",
+            "1735787045.678",
+            "1735787045678",
+        ] {
+            assert_eq!(parse_publish_time(text), Some(expected), "{text}");
+        }
+        assert_eq!(parse_publish_time("yesterday"), None);
+        assert_eq!(parse_publish_time("-5"), None);
         Ok(())
     }
 

@@ -195,10 +195,7 @@ async fn publish_and_run_as_processes_store_a_message_and_ctrl_c_exits_0() -> an
     let event = event_json(&events[0])?;
     assert_eq!(event["audio_id"], audio_id_for("proc-1"));
     assert_eq!(event["source"]["message_id"], message_id);
-    assert_eq!(
-        event["source"]["thumbnail"],
-        cover_arg.trim_start_matches("file://")
-    );
+    assert_eq!(event["source"]["thumbnail"], cover_arg, "as sent");
     assert_eq!(event["metadata"]["title"], "Night Drive");
     assert_eq!(env.gcs.list(&env.bucket, "").await?.len(), 2);
     ensure!(!audio.exists() && !cover.exists(), "sources removed");
