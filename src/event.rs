@@ -1,6 +1,7 @@
 //! The output: the "audio stored" event, in the wire shape SPEC.md fixes.
 
 use crate::identity::AudioId;
+use crate::media::Media;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -27,6 +28,69 @@ pub struct StoredObject {
     pub md5: Option<String>,
     /// The object generation, as a decimal string.
     pub generation: String,
+    /// What the probe found in the file.
+    pub media: EventMedia,
+}
+
+/// The `media` object of a stored object: audio or image fields, each absent
+/// when the file does not say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum EventMedia {
+    /// An audio file.
+    Audio {
+        /// `wav`, `flac`, `mp3`, `ogg`, `mp4`, `aiff`, `aac`.
+        container: &'static str,
+        /// `pcm_s16le`, `flac`, `mp3`, `vorbis`, `opus`, `aac`, `alac`, ...
+        codec: &'static str,
+        /// Samples per second.
+        sample_rate: u32,
+        /// Channel count.
+        channels: u16,
+        /// Bits per sample.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bits_per_sample: Option<u32>,
+        /// Duration in milliseconds.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+        /// Set when the duration was estimated from size and bitrate.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        duration_estimated: bool,
+        /// Average bits per second.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bitrate: Option<u64>,
+    },
+    /// An image.
+    Image {
+        /// `jpeg`, `png` or `webp`.
+        format: &'static str,
+        /// Pixels.
+        width: u32,
+        /// Pixels.
+        height: u32,
+    },
+}
+
+impl From<&Media> for EventMedia {
+    fn from(media: &Media) -> EventMedia {
+        match media {
+            Media::Audio(audio) => EventMedia::Audio {
+                container: audio.container,
+                codec: audio.codec,
+                sample_rate: audio.sample_rate,
+                channels: audio.channels,
+                bits_per_sample: audio.bits_per_sample,
+                duration_ms: audio.duration_ms,
+                duration_estimated: audio.duration_estimated,
+                bitrate: audio.bitrate,
+            },
+            Media::Image(image) => EventMedia::Image {
+                format: image.format,
+                width: image.width,
+                height: image.height,
+            },
+        }
+    }
 }
 
 /// Where the stored files came from.
@@ -34,9 +98,9 @@ pub struct StoredObject {
 pub struct EventSource {
     /// The input message id.
     pub message_id: String,
-    /// The audio source: a local path (a `file://` URI is given as its path) or a `gs://` URI.
+    /// The audio source, exactly as the message sent it.
     pub audio: String,
-    /// The thumbnail source, in the same form.
+    /// The thumbnail source, exactly as the message sent it.
     pub thumbnail: Option<String>,
 }
 
@@ -101,6 +165,11 @@ mod tests {
             crc32c: "AAAAAA==".into(),
             md5: None,
             generation: "1".into(),
+            media: EventMedia::Image {
+                format: "png",
+                width: 1,
+                height: 2,
+            },
         };
         let event = StoredEvent {
             audio_id: "id".into(),
@@ -118,6 +187,10 @@ mod tests {
         assert_eq!(json["thumbnail"], serde_json::Value::Null);
         assert!(json["audio"].get("md5").is_none());
         assert_eq!(json["audio"]["generation"], "1");
+        assert_eq!(
+            json["audio"]["media"],
+            serde_json::json!({"format": "png", "width": 1, "height": 2})
+        );
         Ok(())
     }
 }

@@ -28,6 +28,7 @@ pub mod event;
 pub mod health;
 pub mod identity;
 pub mod layout;
+pub mod media;
 pub mod message;
 pub mod metrics;
 pub mod pipeline;

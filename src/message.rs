@@ -253,9 +253,21 @@ pub fn is_reserved(key: &str) -> bool {
     let visible: String = key
         .chars()
         .filter(|c| !c.is_whitespace() && !is_invisible(*c))
+        .map(compatibility_form)
         .flat_map(char::to_lowercase)
         .collect();
     RESERVED_METADATA_KEYS.contains(&visible.as_str())
+}
+
+/// The plain character that a compatibility form stands for: fullwidth ASCII,
+/// the long s, and the dashes and minus signs that look like a hyphen.
+fn compatibility_form(c: char) -> char {
+    match c {
+        '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+        '\u{017F}' => 's',
+        '\u{2010}'..='\u{2015}' | '\u{2212}' | '\u{FE58}' | '\u{FE63}' => '-',
+        other => other,
+    }
 }
 
 /// Characters that render as nothing: Unicode format characters (Cf) and variation selectors.
@@ -277,7 +289,13 @@ fn is_invisible(c: char) -> bool {
             | '\u{FE00}'..='\u{FE0F}'
             | '\u{FEFF}'
             | '\u{FFA0}'
-            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{2800}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
             | '\u{E0000}'..='\u{E007F}'
             | '\u{E0100}'..='\u{E01EF}'
     )
@@ -432,6 +450,14 @@ mod tests {
             "SOURCE-URI\u{00A0}",
             "kind\u{FE0F}",
             "Duration-Ms",
+            "kind\u{1BCA0}",
+            "kind\u{1D173}",
+            "kind\u{FFF9}",
+            "kind\u{13430}",
+            "kind\u{2800}",
+            "\u{017F}ource-uri",
+            "ｋｉｎｄ",
+            "source\u{2010}uri",
         ] {
             let data = serde_json::json!({"audio": "/a.wav", "metadata": {key: "x"}}).to_string();
             let error = AudioMessage::parse(&envelope(&data), &staging()).expect_err(key);

@@ -10,8 +10,9 @@
 use crate::config::Settings;
 use crate::content::{self, ContentType, MediaClass};
 use crate::error::{ErrorKind, Failure};
-use crate::event::{self, EventSource, StoredEvent, StoredObject};
+use crate::event::{self, EventMedia, EventSource, StoredEvent, StoredObject};
 use crate::layout::{Date, Kind};
+use crate::media::{self, Media, Probed};
 use crate::message::{AudioMessage, Envelope};
 use crate::metrics::Metrics;
 use crate::pubsub::{Delivery, Outbox};
@@ -75,10 +76,11 @@ enum Prepared {
     Stored(Part),
 }
 
-/// The archive object a file goes to.
+/// The archive object a file goes to, and what the probe found in the file.
 struct Target {
     name: String,
     content_type: ContentType,
+    media: Media,
     metadata: BTreeMap<String, String>,
 }
 
@@ -290,10 +292,10 @@ impl Pipeline {
             )
             .await
             {
-                Ok(file) => {
-                    let content_type = checked_content(kind, source, &file.head, file.size)?;
+                Ok(mut file) => {
+                    let probed = probe_local(kind, source, &mut file).await?;
                     Ok(Prepared::Local {
-                        target: self.target(message, kind, source, content_type)?,
+                        target: self.target(message, kind, source, probed)?,
                         file,
                     })
                 }
@@ -302,15 +304,18 @@ impl Pipeline {
                 }
                 Err(error) => Err(error.into()),
             },
-            Source::Gcs { bucket, object } => match self
-                .store
-                .open_staging(bucket, object, content::SNIFF_LEN)
-                .await?
-            {
+            Source::Gcs { bucket, object } => match self.store.open_staging(bucket, object).await? {
                 Some(staging) => {
-                    let content_type = checked_content(kind, source, &staging.head, staging.info.size)?;
+                    let reader = self.store.reader(&staging.info);
+                    let probed = probe(
+                        kind,
+                        source,
+                        ProbeInput::Object(Box::new(reader)),
+                        staging.info.size,
+                    )
+                    .await?;
                     Ok(Prepared::Staging {
-                        target: self.target(message, kind, source, content_type)?,
+                        target: self.target(message, kind, source, probed)?,
                         staging,
                     })
                 }
@@ -338,7 +343,7 @@ impl Pipeline {
                 let cleanup = Some(Cleanup::Local(entry));
                 if let Some(existing) = self.existing_before_upload(&target, size).await? {
                     let crc32c = local_crc32c(&path, crc32c, &mut content).await?;
-                    return self.existing_part(existing, crc32c, target.content_type, cleanup);
+                    return self.existing_part(existing, crc32c, &target, cleanup);
                 }
                 // The same open file, for a comparison after the upload consumed `content`:
                 // never the path again, which may name another file by then.
@@ -353,9 +358,7 @@ impl Pipeline {
                     .upload_local(content, size, crc32c, &target.new_object())
                     .await?
                 {
-                    Written::Created(info) => {
-                        Ok(created_part(&self.metrics, info, target.content_type, cleanup))
-                    }
+                    Written::Created(info) => Ok(created_part(&self.metrics, info, &target, cleanup)),
                     Written::AlreadyExists => {
                         // Lost a race with another delivery of the same message: compare with what it wrote.
                         let existing = self.archived_after_conflict(&target.name).await?;
@@ -366,7 +369,7 @@ impl Pipeline {
                                 unreachable!("a file without a known CRC32C is open and has a twin")
                             }
                         };
-                        self.existing_part(existing, crc32c, target.content_type, cleanup)
+                        self.existing_part(existing, crc32c, &target, cleanup)
                     }
                 }
             }
@@ -380,15 +383,13 @@ impl Pipeline {
                 // Always looked up first (one small call): a redelivery copies nothing, and fake-gcs
                 // does not honour the copy's if-generation-match=0.
                 if let Some(existing) = self.store.archived(&target.name).await? {
-                    return self.existing_part(existing, source_crc32c, target.content_type, cleanup);
+                    return self.existing_part(existing, source_crc32c, &target, cleanup);
                 }
                 match self.store.copy_staging(&staging, &target.new_object()).await? {
-                    Written::Created(info) => {
-                        Ok(created_part(&self.metrics, info, target.content_type, cleanup))
-                    }
+                    Written::Created(info) => Ok(created_part(&self.metrics, info, &target, cleanup)),
                     Written::AlreadyExists => {
                         let existing = self.archived_after_conflict(&target.name).await?;
-                        self.existing_part(existing, source_crc32c, target.content_type, cleanup)
+                        self.existing_part(existing, source_crc32c, &target, cleanup)
                     }
                 }
             }
@@ -415,12 +416,14 @@ impl Pipeline {
         message: &AudioMessage,
         kind: Kind,
         source: &Source,
-        content_type: ContentType,
+        probed: Probed<Media>,
     ) -> Result<Target, Failure> {
+        let Probed { content_type, media } = probed;
         Ok(Target {
             name: self.object_name(message, kind, content_type),
             content_type,
-            metadata: object_metadata(message, kind, source)?,
+            metadata: object_metadata(message, kind, source, &media)?,
+            media,
         })
     }
 
@@ -452,8 +455,15 @@ impl Pipeline {
             ));
         };
         info!(object = %store::uri(&existing.bucket, &existing.name), %kind, "source gone but object stored: a redelivery after cleanup");
+        // The event says what the file holds, as the first one did: probe the stored object.
+        let object = Source::Gcs {
+            bucket: existing.bucket.clone(),
+            object: existing.name.clone(),
+        };
+        let reader = self.store.reader(&existing);
+        let probed = probe(kind, &object, ProbeInput::Object(Box::new(reader)), existing.size).await?;
         Ok(Part {
-            object: stored_object(existing, content_type.mime),
+            object: stored_object(existing, content_type, &probed.media),
             written: false,
             cleanup: None,
         })
@@ -464,7 +474,7 @@ impl Pipeline {
         &self,
         existing: ObjectInfo,
         source_crc32c: u32,
-        content_type: ContentType,
+        target: &Target,
         cleanup: Option<Cleanup>,
     ) -> Result<Part, Failure> {
         if existing.crc32c != source_crc32c {
@@ -479,7 +489,7 @@ impl Pipeline {
             ));
         }
         Ok(Part {
-            object: stored_object(existing, content_type.mime),
+            object: stored_object(existing, target.content_type, &target.media),
             written: false,
             cleanup,
         })
@@ -560,6 +570,14 @@ impl Pipeline {
         match removal {
             Ok(Removal::Removed) => {}
             Ok(Removal::Gone) => info!(source = %path, "stored and acked; the source was already gone"),
+            Ok(Removal::Moved) => {
+                self.metrics.source_kept(KeptReason::Replaced);
+                warn!(
+                    source = %path,
+                    reason = KeptReason::Replaced.as_str(),
+                    "stored and acked, but the source was kept: its directory is no longer where it was beneath the root"
+                );
+            }
             Ok(Removal::Kept {
                 reason,
                 found,
@@ -671,37 +689,54 @@ fn media_class(kind: Kind) -> MediaClass {
     }
 }
 
-/// Sniffs and checks the content of one file against what its kind requires.
-fn checked_content(kind: Kind, source: &Source, head: &[u8], size: u64) -> Result<ContentType, Failure> {
-    if size == 0 {
-        return Err(Failure::new(
-            ErrorKind::BadContent,
-            format!("{kind}: {source} is empty"),
-        ));
-    }
-    let sniffed = content::sniff(head, source.extension().as_deref());
-    let wanted = media_class(kind);
-    match sniffed {
-        Some(content_type) if content_type.class == wanted => Ok(content_type),
-        Some(content_type) => Err(Failure::new(
-            ErrorKind::BadContent,
-            format!(
-                "{kind}: {source} is {}, not {}",
-                content_type.mime,
-                expected(wanted)
-            ),
-        )),
-        None => Err(Failure::new(
-            ErrorKind::BadContent,
-            format!("{kind}: {source} is not a recognised {} format", expected(wanted)),
-        )),
-    }
+/// Bytes of one file for the probe, which reads them on the blocking pool.
+enum ProbeInput {
+    /// A small local file, read whole.
+    Bytes(bytes::Bytes),
+    /// A larger local file: a duplicate of its descriptor.
+    File(std::fs::File),
+    /// An object in a bucket, read by ranges.
+    Object(Box<store::ObjectReader>),
 }
 
-fn expected(class: MediaClass) -> &'static str {
-    match class {
-        MediaClass::Audio => "audio",
-        MediaClass::Image => "an image",
+/// Probes a file as its kind requires (see [`media::probe`]); what is not
+/// playable audio or a usable image is `bad_content` with the reason.
+async fn probe(kind: Kind, source: &Source, input: ProbeInput, size: u64) -> Result<Probed<Media>, Failure> {
+    let class = media_class(kind);
+    let probed = tokio::task::spawn_blocking(move || match input {
+        ProbeInput::Bytes(bytes) => media::probe(class, std::io::Cursor::new(bytes), size),
+        ProbeInput::File(file) => media::probe(class, file, size),
+        ProbeInput::Object(reader) => media::probe(class, *reader, size),
+    })
+    .await
+    .map_err(|error| {
+        Failure::new(
+            ErrorKind::SourceUnreadable,
+            format!("{kind}: {source}: the probe failed: {error}"),
+        )
+    })?;
+    probed.map_err(|reason| Failure::new(ErrorKind::BadContent, format!("{kind}: {source} {reason}")))
+}
+
+/// Probes an opened local file: its bytes in memory, or a duplicate of its
+/// descriptor (the file is left at its start for the upload).
+async fn probe_local(kind: Kind, source: &Source, file: &mut LocalFile) -> Result<Probed<Media>, Failure> {
+    let size = file.size;
+    match &mut file.content {
+        LocalContent::Read(bytes) => probe(kind, source, ProbeInput::Bytes(bytes.clone()), size).await,
+        LocalContent::Open(open) => {
+            let twin = open
+                .try_clone()
+                .await
+                .map_err(|error| unreadable(&file.path, error))?
+                .into_std()
+                .await;
+            let probed = probe(kind, source, ProbeInput::File(twin), size).await;
+            tokio::io::AsyncSeekExt::rewind(open)
+                .await
+                .map_err(|error| unreadable(&file.path, error))?;
+            probed
+        }
     }
 }
 
@@ -715,8 +750,12 @@ fn object_metadata(
     message: &AudioMessage,
     kind: Kind,
     source: &Source,
+    media: &Media,
 ) -> Result<BTreeMap<String, String>, Failure> {
     let mut metadata = message.metadata.clone();
+    for (key, value) in media.object_metadata() {
+        metadata.insert(key.into(), value);
+    }
     metadata.insert("audio-id".into(), message.audio_id.to_string());
     metadata.insert("kind".into(), kind.as_str().into());
     metadata.insert("source-uri".into(), source.uri());
@@ -733,30 +772,26 @@ fn object_metadata(
     Ok(metadata)
 }
 
-fn created_part(
-    metrics: &Metrics,
-    info: ObjectInfo,
-    content_type: ContentType,
-    cleanup: Option<Cleanup>,
-) -> Part {
+fn created_part(metrics: &Metrics, info: ObjectInfo, target: &Target, cleanup: Option<Cleanup>) -> Part {
     metrics.uploaded(info.size);
     Part {
-        object: stored_object(info, content_type.mime),
+        object: stored_object(info, target.content_type, &target.media),
         written: true,
         cleanup,
     }
 }
 
-fn stored_object(info: ObjectInfo, content_type: &str) -> StoredObject {
+fn stored_object(info: ObjectInfo, content_type: ContentType, media: &Media) -> StoredObject {
     StoredObject {
         uri: store::uri(&info.bucket, &info.name),
         bucket: info.bucket,
         name: info.name,
         size: info.size,
-        content_type: content_type.to_string(),
+        content_type: content_type.mime.to_string(),
         crc32c: store::crc32c_base64(info.crc32c),
         md5: info.md5,
         generation: info.generation.to_string(),
+        media: EventMedia::from(media),
     }
 }
 
@@ -793,14 +828,27 @@ mod tests {
         );
     }
 
-    #[test]
-    fn content_must_match_the_kind() {
+    #[tokio::test]
+    async fn content_must_match_the_kind() {
         let source = Source::Local("/spool/a.wav".into());
-        let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
-        let failure = checked_content(Kind::Audio, &source, png, 100).expect_err("a png is not audio");
+        let png = bytes::Bytes::from_static(include_bytes!("../tests/fixtures/media/png.png"));
+        let size = png.len() as u64;
+        let failure = probe(Kind::Audio, &source, ProbeInput::Bytes(png.clone()), size)
+            .await
+            .expect_err("a png is not audio");
         assert_eq!(failure.kind(), ErrorKind::BadContent);
-        let failure = checked_content(Kind::Audio, &source, b"", 0).expect_err("empty");
+        assert!(
+            failure.message().starts_with("audio: /spool/a.wav is not"),
+            "{failure}"
+        );
+        let failure = probe(Kind::Audio, &source, ProbeInput::Bytes(bytes::Bytes::new()), 0)
+            .await
+            .expect_err("empty");
         assert!(failure.message().contains("empty"), "{failure}");
-        assert!(checked_content(Kind::Thumbnail, &source, png, 100).is_ok());
+        let probed = probe(Kind::Thumbnail, &source, ProbeInput::Bytes(png), size).await;
+        assert!(
+            matches!(probed, Ok(Probed { media: Media::Image(image), .. }) if image.width == 40),
+            "{probed:?}"
+        );
     }
 }

@@ -84,7 +84,7 @@ impl Source {
     /// once and then judged like a path: control characters are refused
     /// either way, and so are a query or fragment (`?`, `#` must be encoded).
     pub fn parse(text: &str, staging_buckets: &[String]) -> Result<Source, SourceError> {
-        let unsupported = || SourceError::Unsupported(text.escape_default().to_string());
+        let unsupported = || SourceError::Unsupported(text.to_string());
         if text.chars().any(char::is_control) {
             return Err(unsupported());
         }
@@ -103,8 +103,19 @@ impl Source {
                 object: object.to_string(),
             });
         }
-        if let Some(rest) = text.strip_prefix("file://") {
-            let path = rest.strip_prefix("localhost").unwrap_or(rest);
+        if let Some(rest) = strip_prefix_ignoring_case(text, "file:") {
+            // `file:///p`, `file://localhost/p` or the short `file:/p` (RFC 8089); scheme and host in any case.
+            let path = match rest.strip_prefix("//") {
+                Some(authority_and_path) => {
+                    let slash = authority_and_path.find('/').unwrap_or(authority_and_path.len());
+                    let (host, path) = authority_and_path.split_at(slash);
+                    if !(host.is_empty() || host.eq_ignore_ascii_case("localhost")) {
+                        return Err(unsupported());
+                    }
+                    path
+                }
+                None => rest,
+            };
             if !path.starts_with('/') || path.contains(['?', '#']) {
                 return Err(unsupported());
             }
@@ -131,21 +142,6 @@ impl Source {
             Source::Gcs { bucket, object } => format!("gs://{bucket}/{object}"),
         }
     }
-
-    /// The lowercased extension of the file name, without its dot, if it has a plausible one.
-    ///
-    /// Only a hint for content sniffing; object names never depend on it.
-    pub fn extension(&self) -> Option<String> {
-        let name = match self {
-            Source::Local(path) => path.file_name()?.to_str()?.to_string(),
-            Source::Gcs { object, .. } => object.rsplit('/').next()?.to_string(),
-        };
-        let (stem, extension) = name.rsplit_once('.')?;
-        let plausible = !stem.is_empty()
-            && (1..=10).contains(&extension.len())
-            && extension.chars().all(|c| c.is_ascii_alphanumeric());
-        plausible.then(|| extension.to_ascii_lowercase())
-    }
 }
 
 impl fmt::Display for Source {
@@ -155,6 +151,12 @@ impl fmt::Display for Source {
             Source::Gcs { bucket, object } => write!(formatter, "gs://{bucket}/{object}"),
         }
     }
+}
+
+/// `text` without `prefix`, compared without regard to ASCII case.
+fn strip_prefix_ignoring_case<'t>(text: &'t str, prefix: &str) -> Option<&'t str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &text[prefix.len()..])
 }
 
 /// Decodes `%XX` escapes; `None` if a `%` is not followed by two hex digits.
@@ -191,8 +193,6 @@ pub struct LocalFile {
     pub size: u64,
     /// CRC32C of the content, if it was hashed on opening (see [`open_local`]).
     pub crc32c: Option<u32>,
-    /// Up to [`content::SNIFF_LEN`](crate::content::SNIFF_LEN) leading bytes, to sniff the content type from.
-    pub head: bytes::Bytes,
     /// The bytes, or the open file.
     pub content: LocalContent,
     /// The directory entry it was opened from: what cleanup may remove, and only if unchanged.
@@ -280,6 +280,9 @@ pub enum Removal {
     Removed,
     /// The name no longer exists: someone else removed or renamed it.
     Gone,
+    /// Its directory is no longer where it was beneath the root (moved away,
+    /// or another directory took its place): nothing was removed.
+    Moved,
     /// The name refers to something else than what was read: left in place.
     Kept {
         /// Replaced or changed.
@@ -297,6 +300,11 @@ pub enum Removal {
 #[derive(Debug, Clone)]
 pub struct SpoolEntry {
     directory: Arc<OwnedFd>,
+    /// The directory's device and inode, to check it is still in its place.
+    directory_identity: (u64, u64),
+    /// The canonical root, and the directory's path relative to it.
+    root: PathBuf,
+    relative_directory: PathBuf,
     name: OsString,
     path: PathBuf,
     identity: FileIdentity,
@@ -322,6 +330,9 @@ impl SpoolEntry {
     /// at any moment is never removed. On a file system without
     /// `RENAME_NOREPLACE` it is checked, then unlinked.
     pub fn remove(&self) -> std::io::Result<Removal> {
+        if !self.directory_in_place() {
+            return Ok(Removal::Moved);
+        }
         let aside = OsString::from(format!(".audio-store-removing-{}", uuid::Uuid::new_v4().simple()));
         let directory = self.directory.as_fd();
         match rustix::fs::renameat_with(directory, &self.name, directory, &aside, RenameFlags::NOREPLACE) {
@@ -343,12 +354,17 @@ impl SpoolEntry {
                 return Err(error);
             }
         };
-        if found == self.identity {
+        // Checked again after the rename: a directory moved out meanwhile keeps its file.
+        let in_place = self.directory_in_place();
+        if found == self.identity && in_place {
             rustix::fs::unlinkat(directory, &aside, AtFlags::empty())?;
             return Ok(Removal::Removed);
         }
         let put_back =
             rustix::fs::renameat_with(directory, &aside, directory, &self.name, RenameFlags::NOREPLACE);
+        if !in_place && put_back.is_ok() {
+            return Ok(Removal::Moved);
+        }
         Ok(Removal::Kept {
             reason: self.identity.difference(&found),
             found,
@@ -374,6 +390,22 @@ impl SpoolEntry {
             Err(Errno::NOENT) => Ok(Removal::Gone),
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// Whether the directory the file was opened from is still at its path
+    /// beneath the root (opened again from the root, no symlink on the way).
+    fn directory_in_place(&self) -> bool {
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let reopened = open_no_symlinks(rustix::fs::CWD, &self.root, flags).and_then(|root| {
+            if self.relative_directory.as_os_str().is_empty() {
+                Ok(root)
+            } else {
+                open_no_symlinks(root.as_fd(), &self.relative_directory, flags)
+            }
+        });
+        reopened
+            .and_then(|fd| std::fs::File::from(fd).metadata())
+            .is_ok_and(|metadata| (metadata.dev(), metadata.ino()) == self.directory_identity)
     }
 
     /// The identity of whatever `name` in the directory is, without following a symlink.
@@ -452,8 +484,16 @@ fn open_local_blocking(path: &Path, roots: &[PathBuf], hash_below: u64) -> Resul
         return Err(SourceError::NotAFile(display));
     }
     // The identity before reading: a file that changes while or after it is read no longer matches.
+    let directory_metadata = directory
+        .try_clone()
+        .map(std::fs::File::from)
+        .and_then(|handle| handle.metadata())
+        .map_err(unreadable)?;
     let entry = SpoolEntry {
         directory: Arc::new(directory),
+        directory_identity: (directory_metadata.dev(), directory_metadata.ino()),
+        relative_directory: relative.parent().map(Path::to_path_buf).unwrap_or_default(),
+        root,
         name,
         path: canonical.clone(),
         identity: FileIdentity::of(&metadata),
@@ -472,7 +512,6 @@ fn open_local_blocking(path: &Path, roots: &[PathBuf], hash_below: u64) -> Resul
                 path: canonical,
                 size: bytes.len() as u64,
                 crc32c: (size < hash_below).then(|| crc32c::crc32c(&bytes)),
-                head: bytes.slice(..bytes.len().min(crate::content::SNIFF_LEN)),
                 content: LocalContent::Read(bytes),
                 entry,
             });
@@ -480,12 +519,6 @@ fn open_local_blocking(path: &Path, roots: &[PathBuf], hash_below: u64) -> Resul
         size = file.metadata().map_err(unreadable)?.len();
         file.rewind().map_err(unreadable)?;
     }
-    let mut head = Vec::with_capacity(crate::content::SNIFF_LEN);
-    (&mut file)
-        .take(crate::content::SNIFF_LEN as u64)
-        .read_to_end(&mut head)
-        .map_err(unreadable)?;
-    file.rewind().map_err(unreadable)?;
     let crc32c = if size < hash_below {
         let crc32c = crc32c_of(&mut file).map_err(unreadable)?;
         file.rewind().map_err(unreadable)?;
@@ -497,7 +530,6 @@ fn open_local_blocking(path: &Path, roots: &[PathBuf], hash_below: u64) -> Resul
         path: canonical,
         size,
         crc32c,
-        head: head.into(),
         content: LocalContent::Open(tokio::fs::File::from_std(file)),
         entry,
     })
@@ -692,23 +724,6 @@ mod tests {
     }
 
     #[test]
-    fn the_extension_hint_is_lowercased_without_its_dot() -> Result<(), SourceError> {
-        assert_eq!(
-            Source::parse("/x/Track.FLAC", &staging())?.extension().as_deref(),
-            Some("flac")
-        );
-        assert_eq!(
-            Source::parse("gs://audio-staging/a/cover.JPG", &staging())?
-                .extension()
-                .as_deref(),
-            Some("jpg")
-        );
-        assert_eq!(Source::parse("/x/noextension", &staging())?.extension(), None);
-        assert_eq!(Source::parse("/x/.hidden", &staging())?.extension(), None);
-        Ok(())
-    }
-
-    #[test]
     fn file_uris_are_decoded_once_and_judged_like_paths() -> Result<(), SourceError> {
         assert_eq!(
             Source::parse("file:///spool/a%2541.wav", &staging())?,
@@ -719,6 +734,17 @@ mod tests {
             Source::parse("file://localhost/spool/a%23b%3F.wav", &staging())?,
             Source::Local("/spool/a#b?.wav".into())
         );
+        for spelling in [
+            "FILE:///spool/a.wav",
+            "file://LocalHost/spool/a.wav",
+            "file:/spool/a.wav",
+        ] {
+            assert_eq!(
+                Source::parse(spelling, &staging())?,
+                Source::Local("/spool/a.wav".into()),
+                "{spelling}"
+            );
+        }
         for text in [
             "file:///spool/a%0Ab.wav",
             "file:///spool/a%00b.wav",
@@ -729,6 +755,8 @@ mod tests {
             "file:///spool/a.wav?x=1",
             "file:///spool/a.wav#part",
             "file://host/spool/a.wav",
+            "file://localhost.example/spool/a.wav",
+            "file:spool/a.wav",
             "/spool/a\nb.wav",
             "/spool/a\u{85}b.wav",
         ] {
@@ -765,8 +793,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn small_files_are_read_whole_and_larger_ones_left_open_with_their_head()
-    -> Result<(), Box<dyn std::error::Error>> {
+    async fn small_files_are_read_whole_and_larger_ones_left_open() -> Result<(), Box<dyn std::error::Error>>
+    {
         let root = tempfile::tempdir()?;
         let roots = [root.path().to_path_buf()];
         let at_limit: Vec<u8> = (0..IN_MEMORY_LIMIT).map(|i| (i % 251) as u8).collect();
@@ -775,7 +803,6 @@ mod tests {
         let opened = open_local(&small, &roots, u64::MAX).await?;
         assert_eq!(opened.size, IN_MEMORY_LIMIT);
         assert_eq!(opened.crc32c, Some(crc32c::crc32c(&at_limit)));
-        assert_eq!(opened.head[..], at_limit[..crate::content::SNIFF_LEN]);
         assert!(matches!(&opened.content, LocalContent::Read(bytes) if bytes[..] == at_limit[..]));
 
         let larger = root.path().join("larger.wav");
@@ -791,7 +818,6 @@ mod tests {
         let opened = open_local(&larger, &roots, IN_MEMORY_LIMIT + 1).await?;
         assert_eq!(opened.crc32c, None, "not hashed from the bound up");
         assert_eq!(opened.size, IN_MEMORY_LIMIT + 1);
-        assert_eq!(opened.head[..], over[..crate::content::SNIFF_LEN]);
         for opened in [hashed, opened] {
             let LocalContent::Open(mut file) = opened.content else {
                 panic!("a file over the limit is streamed");
@@ -1010,6 +1036,37 @@ mod tests {
 
         let same = opened(b"RIFF four").await?;
         assert_eq!(same.entry.remove_if_unchanged()?, Removal::Removed);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_file_whose_directory_left_the_root_is_not_removed() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let outside = tempfile::tempdir()?;
+        let roots = [root.path().to_path_buf()];
+        for replace in [false, true] {
+            let sub = root.path().join("sub");
+            std::fs::create_dir(&sub)?;
+            std::fs::write(sub.join("a.wav"), b"RIFF moved")?;
+            let opened = open_local(&sub.join("a.wav"), &roots, u64::MAX).await?;
+            let moved = outside.path().join(format!("sub-{replace}"));
+            std::fs::rename(&sub, &moved)?;
+            if replace {
+                // Another directory of the same name in its place, with a file of the same name.
+                std::fs::create_dir(&sub)?;
+                std::fs::write(sub.join("a.wav"), b"RIFF other")?;
+            }
+            assert_eq!(opened.entry.remove()?, Removal::Moved, "replaced: {replace}");
+            assert_eq!(
+                std::fs::read(moved.join("a.wav"))?,
+                b"RIFF moved",
+                "nothing outside the root removed"
+            );
+            if replace {
+                assert_eq!(std::fs::read(sub.join("a.wav"))?, b"RIFF other");
+                std::fs::remove_dir_all(&sub)?;
+            }
+        }
         Ok(())
     }
 

@@ -134,8 +134,57 @@ pub struct NewObject<'a> {
 pub struct StagingObject {
     /// The object's properties (the copy is pinned to this generation).
     pub info: ObjectInfo,
-    /// Up to the requested number of leading bytes.
-    pub head: Bytes,
+}
+
+/// How many bytes [`ObjectReader`] reads at a time.
+pub const RANGE_WINDOW: u64 = 256 * 1024;
+
+/// An object read by ranges as a blocking `Read + Seek` (see [`Store::reader`]).
+pub struct ObjectReader {
+    store: Store,
+    object: ObjectInfo,
+    runtime: tokio::runtime::Handle,
+    position: u64,
+    /// The last range read: its offset and bytes.
+    window: (u64, Bytes),
+}
+
+impl std::io::Read for ObjectReader {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        if self.position >= self.object.size || buffer.is_empty() {
+            return Ok(0);
+        }
+        let (start, bytes) = &self.window;
+        let inside = self.position >= *start && self.position < start + bytes.len() as u64;
+        if !inside {
+            let read = self
+                .runtime
+                .block_on(self.store.read_range(&self.object, self.position, RANGE_WINDOW))
+                .map_err(std::io::Error::other)?;
+            if read.is_empty() {
+                return Ok(0);
+            }
+            self.window = (self.position, read);
+        }
+        let (start, bytes) = &self.window;
+        let from = (self.position - start) as usize;
+        let count = buffer.len().min(bytes.len() - from);
+        buffer[..count].copy_from_slice(&bytes[from..from + count]);
+        self.position += count as u64;
+        Ok(count)
+    }
+}
+
+impl std::io::Seek for ObjectReader {
+    fn seek(&mut self, position: std::io::SeekFrom) -> std::io::Result<u64> {
+        let target = match position {
+            std::io::SeekFrom::Start(offset) => Some(offset),
+            std::io::SeekFrom::End(delta) => self.object.size.checked_add_signed(delta),
+            std::io::SeekFrom::Current(delta) => self.position.checked_add_signed(delta),
+        };
+        self.position = target.ok_or_else(|| std::io::Error::other("seek before the start"))?;
+        Ok(self.position)
+    }
 }
 
 /// The archive: a Cloud Storage client bound to one bucket.
@@ -304,11 +353,40 @@ impl Store {
                 }
             }
         };
+        let result = match result {
+            Err(error) => Err(self.discard_mismatched(error).await),
+            ok => ok,
+        };
         let written = self.written(result).map_err(failed)?;
         let Written::Created(info) = written else {
             return Ok(written);
         };
         self.verified(info, size, expected).await.map_err(failed)
+    }
+
+    /// An upload the server finalised with other bytes than were sent (the
+    /// SDK's checksum mismatch, e.g. a source cut short while it streamed)
+    /// leaves a corrupt object behind: delete that generation, so that a
+    /// retry can write the right one, and report the error as it was.
+    async fn discard_mismatched(&self, error: google_cloud_storage::Error) -> google_cloud_storage::Error {
+        use google_cloud_storage::error::WriteError;
+        let mismatched = std::error::Error::source(&error)
+            .and_then(|source| source.downcast_ref::<WriteError>())
+            .and_then(|write| match write {
+                WriteError::ChecksumMismatch { object, .. } => Some((object.name.clone(), object.generation)),
+                _ => None,
+            });
+        if let Some((name, generation)) = mismatched {
+            match self.delete(&self.bucket, &name, generation).await {
+                Ok(()) => {
+                    tracing::warn!(object = %uri(&self.bucket, &name), generation, "deleted an upload the server stored with other bytes than were sent")
+                }
+                Err(delete) => {
+                    tracing::warn!(error = %delete, "could not delete an upload stored with other bytes than were sent")
+                }
+            }
+        }
+        error
     }
 
     /// Streams `file` up in one resumable pass that hashes what it reads;
@@ -343,54 +421,60 @@ impl Store {
         Ok((result, crc32c))
     }
 
-    /// Looks up a staging object and reads its first `head_len` bytes; `None`
-    /// if it does not exist.
+    /// Looks up a staging object; `None` if it does not exist.
     ///
     /// Its properties come from the JSON API (the read response's headers
-    /// are not reliable on every server) and the read is pinned to that
-    /// generation, as the copy will be.
-    pub async fn open_staging(
-        &self,
-        bucket: &str,
-        name: &str,
-        head_len: usize,
-    ) -> Result<Option<StagingObject>, StoreError> {
-        let Some(info) = self.object(bucket, name).await? else {
-            return Ok(None);
-        };
+    /// are not reliable on every server); reads of it ([`Store::reader`]) and
+    /// the copy are pinned to that generation.
+    pub async fn open_staging(&self, bucket: &str, name: &str) -> Result<Option<StagingObject>, StoreError> {
+        Ok(self
+            .object(bucket, name)
+            .await?
+            .map(|info| StagingObject { info }))
+    }
+
+    /// Reads `len` bytes of an object's generation from `offset` (fewer at its end).
+    pub async fn read_range(&self, object: &ObjectInfo, offset: u64, len: u64) -> Result<Bytes, StoreError> {
         let failed = |cause: StoreCause| StoreError {
             operation: "read",
-            target: uri(bucket, name),
+            target: uri(&object.bucket, &object.name),
             cause,
         };
-        let mut head = Vec::with_capacity(head_len);
-        if info.size > 0 {
-            let read = Box::pin(
-                self.client
-                    .read_object(format!("projects/_/buckets/{bucket}"), name)
-                    .set_generation(info.generation)
-                    .set_read_range(google_cloud_storage::model_ext::ReadRange::head(head_len as u64))
-                    .send(),
-            )
-            .await;
-            let mut response = match read {
-                Ok(response) => response,
-                Err(error) if error.http_status_code() == Some(404) => return Ok(None),
-                Err(error) => return Err(failed(error.into())),
-            };
-            while head.len() < head_len {
-                match response.next().await {
-                    None => break,
-                    Some(Err(error)) => return Err(failed(error.into())),
-                    Some(Ok(chunk)) => head.extend_from_slice(&chunk),
-                }
-            }
-            head.truncate(head_len);
+        if len == 0 || offset >= object.size {
+            return Ok(Bytes::new());
         }
-        Ok(Some(StagingObject {
-            info,
-            head: head.into(),
-        }))
+        let read = Box::pin(
+            self.client
+                .read_object(format!("projects/_/buckets/{}", object.bucket), &object.name)
+                .set_generation(object.generation)
+                .set_read_range(google_cloud_storage::model_ext::ReadRange::segment(offset, len))
+                .send(),
+        )
+        .await;
+        let mut response = read.map_err(|error| failed(error.into()))?;
+        let mut bytes = Vec::with_capacity(len.min(object.size - offset) as usize);
+        while (bytes.len() as u64) < len {
+            match response.next().await {
+                None => break,
+                Some(Err(error)) => return Err(failed(error.into())),
+                Some(Ok(chunk)) => bytes.extend_from_slice(&chunk),
+            }
+        }
+        bytes.truncate(len as usize);
+        Ok(bytes.into())
+    }
+
+    /// A blocking reader of one object's generation by ranged reads, for the
+    /// media probe (which seeks): it reads [`RANGE_WINDOW`] bytes at a time.
+    /// Use it only off the runtime (on the blocking pool).
+    pub fn reader(&self, object: &ObjectInfo) -> ObjectReader {
+        ObjectReader {
+            store: self.clone(),
+            object: object.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            position: 0,
+            window: (0, Bytes::new()),
+        }
     }
 
     /// Copies a staging object into the archive as `object`, server-side

@@ -136,8 +136,14 @@ async fn a_spool_directory_swapped_with_a_symlink_in_a_loop_never_exposes_a_file
     } else {
         link
     };
+    // A stored file is kept too when, at its removal, the loop had its directory away from its place.
     let left = std::fs::read_dir(&real)?.count() as u64;
-    assert_eq!(left, summary.dead_lettered, "files left in the spool directory");
+    let kept = metrics.sources_kept(KeptReason::Replaced);
+    assert_eq!(
+        left,
+        summary.dead_lettered + kept,
+        "files left in the spool directory"
+    );
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! The worker end to end, driven in-process against the real emulators.
 
 use crate::harness::{
-    TestEnv, crc32c_base64, crc32c_file, sample_png, sample_wav, wait_for, write_large_wav,
+    TestEnv, WAV_SAMPLE_RATE, crc32c_base64, crc32c_file, sample_png, sample_wav, wait_for, write_large_wav,
 };
 use crate::support::{Worker, audio_id_for, event_json, event_strings, settings};
 use anyhow::{Context as _, ensure};
@@ -62,9 +62,34 @@ async fn a_pair_is_stored_with_its_metadata_the_event_is_published_and_the_sourc
     let names: BTreeSet<&str> = objects.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(names, BTreeSet::from([audio_name.as_str(), cover_name.as_str()]));
 
-    for (field, name, bytes, content_type, source) in [
-        ("audio", &audio_name, &audio_bytes, "audio/wav", &audio),
-        ("thumbnail", &cover_name, &cover_bytes, "image/png", &cover),
+    let audio_media = json!({"container": "wav", "codec": "pcm_s16le", "sample_rate": WAV_SAMPLE_RATE,
+        "channels": 1, "bits_per_sample": 16, "duration_ms": 1_000,
+        "bitrate": audio_bytes.len() * 8});
+    let cover_media = json!({"format": "png", "width": 4, "height": 4});
+    for (field, name, bytes, content_type, source, media, technical) in [
+        (
+            "audio",
+            &audio_name,
+            &audio_bytes,
+            "audio/wav",
+            &audio,
+            &audio_media,
+            vec![
+                ("codec", "pcm_s16le".to_string()),
+                ("sample-rate", WAV_SAMPLE_RATE.to_string()),
+                ("channels", "1".to_string()),
+                ("duration-ms", "1000".to_string()),
+            ],
+        ),
+        (
+            "thumbnail",
+            &cover_name,
+            &cover_bytes,
+            "image/png",
+            &cover,
+            &cover_media,
+            vec![("width", "4".to_string()), ("height", "4".to_string())],
+        ),
     ] {
         let stored = env
             .gcs
@@ -76,7 +101,7 @@ async fn a_pair_is_stored_with_its_metadata_the_event_is_published_and_the_sourc
             bytes,
             "{name} holds the source bytes"
         );
-        let expected_metadata = BTreeMap::from([
+        let mut expected_metadata = BTreeMap::from([
             ("audio-id".to_string(), audio_id.clone()),
             ("kind".to_string(), field.to_string()),
             ("source-uri".to_string(), format!("file://{}", source.display())),
@@ -84,7 +109,9 @@ async fn a_pair_is_stored_with_its_metadata_the_event_is_published_and_the_sourc
             ("user_id".to_string(), "u123".to_string()),
             ("title".to_string(), "Night Drive".to_string()),
         ]);
+        expected_metadata.extend(technical.into_iter().map(|(key, value)| (key.to_string(), value)));
         assert_eq!(stored.metadata, expected_metadata, "{name} metadata");
+        assert_eq!(&event[field]["media"], media, "{name} media");
 
         let described = &event[field];
         assert_eq!(described["uri"], format!("gs://{}/{name}", env.bucket));
