@@ -20,6 +20,7 @@
 //! - [`worker`] — the loop that pulls, bounds concurrency and shuts down.
 //! - [`setup`], [`publish`] and [`replay`] — the operator commands.
 //! - [`metrics`] and [`health`] — Prometheus metrics and the `/healthz` `/readyz` `/metrics` endpoint.
+//! - [`monitor`] — liveness and the Pub/Sub probe, beside the worker loop.
 //! - [`telemetry`] — logging.
 
 pub mod config;
@@ -32,6 +33,7 @@ pub mod identity;
 pub mod layout;
 pub mod message;
 pub mod metrics;
+pub mod monitor;
 pub mod pipeline;
 pub mod publish;
 pub mod pubsub;
