@@ -225,6 +225,8 @@ pub async fn run(
 /// is usable. Dropping it part-way (a shutdown during start-up) leaves nothing
 /// behind: the streaming pull is opened only by the first pull.
 async fn start(settings: &Arc<Settings>, health: &Health) -> Result<Started, WorkerError> {
+    health.set_problem(Check::Archive, Some("not checked yet".into()));
+    health.set_problem(Check::Subscription, Some("not probed yet".into()));
     let probe = SubscriptionProbe::connect(&settings.pubsub).await?;
     let monitor = Monitor::start(health.clone(), probe);
     let store = Store::connect(&settings.storage).await?;
@@ -254,7 +256,6 @@ async fn start(settings: &Arc<Settings>, health: &Health) -> Result<Started, Wor
     );
     // Not ready until the archive can be reached: a missing bucket or missing permissions
     // keep the pod out of service (503 on /readyz) instead of nacking every message.
-    health.set_problem(Check::Archive, Some("not checked yet".into()));
     loop {
         match pipeline.check_archive().await {
             Ok(()) => break,

@@ -3,52 +3,12 @@
 //! sharing one subscription while one of them is killed.
 
 use crate::harness::{FakeGcs, TestEnv, crc32c_file, sample_wav, wait_for, write_large_wav};
-use crate::support::{audio_id_for, environment, event_json, http_get, signal};
+use crate::support::{Process, audio_id_for, event_json};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
-
-/// A worker process with its own operations port.
-struct Process {
-    child: tokio::process::Child,
-    port: u16,
-}
-
-impl Process {
-    fn spawn(env: &TestEnv, overrides: &[(&str, &str)]) -> anyhow::Result<Process> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut all = vec![("AUDIO_STORE__HTTP__LISTEN", listen.as_str())];
-        all.extend_from_slice(overrides);
-        let child = tokio::process::Command::new(BINARY)
-            .arg("run")
-            .env_clear()
-            .envs(environment(env, &all))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        Ok(Process { child, port })
-    }
-
-    /// A sample from `/metrics`, `None` until the endpoint answers.
-    async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
-        Ok(http_get(self.port, "/metrics").await?.map(|(_, text)| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-                .unwrap_or(0.0)
-        }))
-    }
-
-    async fn signal(&self, name: &str) -> anyhow::Result<()> {
-        signal(&self.child, name).await
-    }
-}
 
 /// Collects stored events until every one of `ids` has one, releasing the
 /// emulator's leases on the input subscription now and then: it keeps

@@ -155,3 +155,75 @@ pub fn event_strings(events: &[Received], pointer: &str) -> anyhow::Result<Vec<S
         })
         .collect()
 }
+
+/// The `audio-store` binary built for these tests.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
+
+/// A worker process (`audio-store run`) with its own operations port; its
+/// stderr (the JSON log) goes to a file that [`Process::log`] reads.
+pub struct Process {
+    /// The process, for waiting on it.
+    pub child: tokio::process::Child,
+    /// The port of `/healthz`, `/readyz` and `/metrics`.
+    pub port: u16,
+    log: tempfile::NamedTempFile,
+}
+
+impl Process {
+    /// Starts `audio-store run` with `env`'s environment plus `overrides`.
+    pub fn spawn(env: &TestEnv, overrides: &[(&str, &str)]) -> anyhow::Result<Process> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec![("AUDIO_STORE__HTTP__LISTEN", listen.as_str())];
+        all.extend_from_slice(overrides);
+        let log = tempfile::Builder::new()
+            .prefix("audio-store-worker-")
+            .suffix(".log")
+            .tempfile()?;
+        let child = tokio::process::Command::new(BINARY)
+            .arg("run")
+            .env_clear()
+            .envs(environment(env, &all))
+            .stdout(std::process::Stdio::null())
+            .stderr(log.reopen()?)
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Process { child, port, log })
+    }
+
+    /// A sample from `/metrics`, `None` until the endpoint answers.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
+        Ok(http_get(self.port, "/metrics").await?.map(|(_, text)| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0.0)
+        }))
+    }
+
+    /// `GET /readyz`: status and body, `None` until the endpoint answers.
+    pub async fn readyz(&self) -> anyhow::Result<Option<(u16, String)>> {
+        http_get(self.port, "/readyz").await
+    }
+
+    /// Sends `name` (e.g. `-TERM`) to the process.
+    pub async fn signal(&self, name: &str) -> anyhow::Result<()> {
+        signal(&self.child, name).await
+    }
+
+    /// The log so far, one JSON object per line.
+    pub fn log(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(self.log.path())?;
+        Ok(text
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect())
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code.
+    pub async fn exit_code(&mut self, timeout: std::time::Duration) -> anyhow::Result<Option<i32>> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| format!("the worker did not exit within {timeout:?}"))??;
+        Ok(status.code())
+    }
+}
