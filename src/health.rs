@@ -123,7 +123,7 @@ impl Health {
         }
         match problem {
             Some(reason) => tracing::warn!(check = check.as_str(), %reason, "not ready"),
-            None => tracing::info!(check = check.as_str(), "passes again"),
+            None => tracing::info!(check = check.as_str(), "check passes"),
         }
     }
 
