@@ -2,7 +2,7 @@
 //! Pub/Sub unreachable at start and mid-run, and signals during start-up.
 
 use crate::harness::{TestEnv, sample_wav, wait_for};
-use crate::support::{Process, Worker, audio_id_for, event_strings, settings};
+use crate::support::{Process, Worker, audio_id_for, event_strings, events_for_all, settings};
 use crate::tcp_proxy::TcpProxy;
 use anyhow::{Context as _, ensure};
 use serde_json::json;
@@ -74,6 +74,28 @@ fn subscription_warnings(worker: &Process) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// Waits until every message of `names` has a stored event; repeats are fine
+/// (at least once). The emulator keeps messages leased to a stream whose
+/// connection was cut, where Pub/Sub would redeliver them after the ack
+/// deadline; [`events_for_all`] releases those leases now and then.
+async fn wait_stored(env: &TestEnv, names: &[&str], within: Duration) -> anyhow::Result<()> {
+    let expected: BTreeSet<String> = names.iter().map(|name| audio_id_for(name)).collect();
+    events_for_all(env, &expected, within).await.map(drop)
+}
+
+/// The worker's last log lines, for a failure message.
+fn log_tail(worker: &Process) -> String {
+    let lines = worker.log().unwrap_or_default();
+    let tail: Vec<String> = lines
+        .iter()
+        .rev()
+        .take(30)
+        .rev()
+        .map(|line| line.to_string())
+        .collect();
+    format!("the worker's log ends with:\n{}", tail.join("\n"))
+}
+
 async fn publish_tracks(env: &TestEnv, names: &[&str]) -> anyhow::Result<()> {
     for name in names {
         let audio = env.spool_file(&format!("{name}.wav"), &sample_wav(2_000));
@@ -114,14 +136,9 @@ async fn with_pubsub_unreachable_at_start_and_for_30_s_mid_run_readiness_says_wh
     proxy.restore();
     readyz(&worker, 200, TIMEOUT).await?;
     // The SDK reopens the pull itself, after up to a minute of its own backoff.
-    let mut stored = BTreeSet::new();
-    for event in env
-        .pubsub
-        .collect(&env.stored_subscription, 2, Duration::from_secs(90))
-        .await?
-    {
-        stored.insert(event_strings(&[event], "/audio_id")?.remove(0));
-    }
+    wait_stored(&env, &["early-1", "early-2"], Duration::from_secs(90))
+        .await
+        .with_context(|| log_tail(&worker))?;
 
     // Mid-run: a 30 s outage.
     let warned = subscription_warnings(&worker)?.len();
@@ -138,18 +155,9 @@ async fn with_pubsub_unreachable_at_start_and_for_30_s_mid_run_readiness_says_wh
     tokio::time::sleep_until(cut_at + Duration::from_secs(30)).await;
     proxy.restore();
     readyz(&worker, 200, TIMEOUT).await?;
-    for event in env
-        .pubsub
-        .collect(&env.stored_subscription, 2, Duration::from_secs(90))
-        .await?
-    {
-        stored.insert(event_strings(&[event], "/audio_id")?.remove(0));
-    }
-    let expected: BTreeSet<String> = ["early-1", "early-2", "late-1", "late-2"]
-        .into_iter()
-        .map(audio_id_for)
-        .collect();
-    assert_eq!(stored, expected, "every message stored once it came back");
+    wait_stored(&env, &["late-1", "late-2"], Duration::from_secs(90))
+        .await
+        .with_context(|| log_tail(&worker))?;
 
     worker.signal("-TERM").await?;
     assert_eq!(worker.exit_code(TIMEOUT).await?, Some(0));

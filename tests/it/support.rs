@@ -2,12 +2,14 @@
 //! running in-process, and the expectations shared by several tests.
 
 use crate::harness::{PROJECT, Received, TestEnv};
-use anyhow::Context as _;
+use anyhow::{Context as _, ensure};
 use audio_store::config::{Environment, Settings};
 use audio_store::health::Health;
 use audio_store::identity::{AudioId, IdentityKey};
 use audio_store::worker::{self, Summary, WorkerError};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -225,5 +227,43 @@ impl Process {
             .await
             .with_context(|| format!("the worker did not exit within {timeout:?}"))??;
         Ok(status.code())
+    }
+}
+
+/// Collects stored events until every one of `ids` has one, releasing the
+/// emulator's leases on the input subscription now and then: it keeps
+/// messages leased to a killed process's stream, where production Pub/Sub
+/// would redeliver them after the ack deadline.
+pub async fn events_for_all(
+    env: &TestEnv,
+    ids: &BTreeSet<String>,
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<String, Vec<serde_json::Value>>> {
+    let mut events: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_release = tokio::time::Instant::now();
+    loop {
+        for event in env
+            .pubsub
+            .drain_for(&env.stored_subscription, Duration::from_millis(500))
+            .await?
+        {
+            let json = event_json(&event)?;
+            let id = json["audio_id"].as_str().context("audio_id")?.to_string();
+            events.entry(id).or_default().push(json);
+        }
+        if ids.iter().all(|id| events.contains_key(id)) {
+            return Ok(events);
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} messages stored after {timeout:?}",
+            ids.iter().filter(|id| events.contains_key(*id)).count(),
+            ids.len()
+        );
+        if last_release.elapsed() > Duration::from_secs(5) {
+            env.pubsub.release_leases(&env.subscription).await?;
+            last_release = tokio::time::Instant::now();
+        }
     }
 }
