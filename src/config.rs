@@ -463,6 +463,22 @@ impl Settings {
         let dead_letter_topic = optional(&raw.pubsub.dead_letter_topic)
             .map(|topic| full_name("pubsub.dead_letter_topic", &project, "topics", &topic))
             .transpose()?;
+        // The subscription's own topic is unknown without a call; `pubsub.topic` is the input.
+        if let Some(input) = &topic {
+            for (key, output) in [
+                ("pubsub.stored_topic", Some(&stored_topic)),
+                ("pubsub.dead_letter_topic", dead_letter_topic.as_ref()),
+            ] {
+                if output == Some(input) {
+                    return Err(ConfigError::new(
+                        key,
+                        format!(
+                            "must not be the input topic pubsub.topic ({input}): the worker would read what it writes"
+                        ),
+                    ));
+                }
+            }
+        }
         let dead_letter_subscription =
             match (&dead_letter_topic, optional(&raw.pubsub.dead_letter_subscription)) {
                 (None, Some(_)) => {
@@ -547,6 +563,14 @@ impl Settings {
         for (index, staging) in raw.storage.staging_buckets.iter().enumerate() {
             check_bucket(&format!("storage.staging_buckets[{index}]"), staging)?;
         }
+        if raw.storage.staging_buckets.contains(&bucket) {
+            return Err(ConfigError::new(
+                "storage.staging_buckets",
+                format!(
+                    "must not contain the archive bucket storage.bucket ({bucket}): staging sources are deleted once stored"
+                ),
+            ));
+        }
         let layout = Layout::parse(&raw.storage.layout)
             .map_err(|error| ConfigError::new("storage.layout", error.to_string()))?;
         let storage = StorageSettings {
@@ -565,14 +589,7 @@ impl Settings {
 
         let mut local_roots = Vec::new();
         for (index, root) in raw.sources.local_roots.iter().enumerate() {
-            let path = PathBuf::from(root);
-            if !path.is_absolute() {
-                return Err(ConfigError::new(
-                    format!("sources.local_roots[{index}]"),
-                    format!("must be an absolute path, got {root:?}"),
-                ));
-            }
-            local_roots.push(path);
+            local_roots.push(local_root(&format!("sources.local_roots[{index}]"), root)?);
         }
         let sources = SourceSettings { local_roots };
 
@@ -612,8 +629,7 @@ impl Settings {
                 ));
             }
         };
-        tracing_subscriber::EnvFilter::try_new(&raw.log.level)
-            .map_err(|error| ConfigError::new("log.level", format!("not a valid filter ({error})")))?;
+        check_log_filter("log.level", &raw.log.level)?;
         let log = LogSettings {
             format,
             level: raw.log.level.clone(),
@@ -798,6 +814,73 @@ fn parse_list(variable: &str, value: &str) -> Result<Vec<toml::Value>, ConfigErr
         .collect())
 }
 
+/// A local root: an absolute path to an existing directory (symlinks followed), not `/`.
+fn local_root(key: &str, root: &str) -> Result<PathBuf, ConfigError> {
+    let path = PathBuf::from(root);
+    if !path.is_absolute() {
+        return Err(ConfigError::new(
+            key,
+            format!("must be an absolute path, got {root:?}"),
+        ));
+    }
+    let canonical = std::fs::canonicalize(&path)
+        .map_err(|error| ConfigError::new(key, format!("{root:?} cannot be used ({error})")))?;
+    if !canonical.is_dir() {
+        return Err(ConfigError::new(key, format!("{root:?} is not a directory")));
+    }
+    if canonical == Path::new("/") {
+        return Err(ConfigError::new(
+            key,
+            format!("{root:?} is the root of the file system: every file would be readable and deletable"),
+        ));
+    }
+    Ok(path)
+}
+
+/// The levels a `log.level` directive may set.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// A `log.level` filter: comma-separated directives, each a level (`info`) or
+/// `TARGET=LEVEL` (`audio_store=debug`, `h2[span]=off`), at least one.
+///
+/// Stricter than `EnvFilter`, which reads a bare word such as `verbose` as a
+/// target and then logs nothing at all, not even errors.
+fn check_log_filter(key: &str, filter: &str) -> Result<(), ConfigError> {
+    let invalid = |problem: String| {
+        ConfigError::new(
+            key,
+            format!(
+                "{problem}; expected LEVEL or TARGET=LEVEL, comma-separated, with LEVEL one of {}",
+                LOG_LEVELS.join(" ")
+            ),
+        )
+    };
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err(invalid("no directive".into()));
+    }
+    for directive in directives {
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((target, level)) => (Some(target.trim()), level.trim()),
+            None => (None, directive),
+        };
+        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(invalid(format!("{directive:?} sets no known level")));
+        }
+        if target.is_some_and(str::is_empty) {
+            return Err(invalid(format!("{directive:?} has no target")));
+        }
+        directive
+            .parse::<tracing_subscriber::filter::Directive>()
+            .map_err(|error| invalid(format!("{directive:?} is not a directive ({error})")))?;
+    }
+    Ok(())
+}
+
 fn describe_serde_error(origin: &str, error: &toml::de::Error) -> ConfigError {
     // The error names the key in its message ("unknown field `x`", "invalid type ... for key `a.b`").
     ConfigError::new(origin, one_line(error.message()))
@@ -911,6 +994,7 @@ mod tests {
             ("AUDIO_STORE__PUBSUB__SUBSCRIPTION", "audio-in-sub"),
             ("AUDIO_STORE__PUBSUB__STORED_TOPIC", "audio-stored"),
             ("AUDIO_STORE__STORAGE__BUCKET", "audio-archive"),
+            ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", "/tmp"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1014,6 +1098,83 @@ mod tests {
     }
 
     #[test]
+    fn configuration_that_cannot_work_names_its_key() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("file");
+        std::fs::write(&file, "")?;
+        let missing = dir.path().join("missing");
+        let input = with(minimal(), "AUDIO_STORE__PUBSUB__TOPIC", "audio-in");
+        let cases = [
+            (
+                input.clone(),
+                "AUDIO_STORE__PUBSUB__STORED_TOPIC",
+                "audio-in",
+                "pubsub.stored_topic",
+            ),
+            (
+                input.clone(),
+                "AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC",
+                "projects/demo-project/topics/audio-in",
+                "pubsub.dead_letter_topic",
+            ),
+            (minimal(), "AUDIO_STORE__LOG__LEVEL", "verbose", "log.level"),
+            (minimal(), "AUDIO_STORE__LOG__LEVEL", "", "log.level"),
+            (
+                minimal(),
+                "AUDIO_STORE__LOG__LEVEL",
+                "audio_store=loud",
+                "log.level",
+            ),
+            (minimal(), "AUDIO_STORE__LOG__LEVEL", "=debug", "log.level"),
+            (
+                minimal(),
+                "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
+                "/",
+                "sources.local_roots[0]",
+            ),
+            (
+                minimal(),
+                "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
+                &format!("/tmp,{}", missing.display()),
+                "sources.local_roots[1]",
+            ),
+            (
+                minimal(),
+                "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
+                &file.display().to_string(),
+                "sources.local_roots[0]",
+            ),
+            (
+                minimal(),
+                "AUDIO_STORE__STORAGE__STAGING_BUCKETS",
+                "staging-a,audio-archive",
+                "storage.staging_buckets",
+            ),
+        ];
+        for (environment, variable, value, key) in cases {
+            let error = Settings::load(None, &with(environment, variable, value))
+                .expect_err(&format!("{variable}={value} should be rejected"));
+            assert_eq!(error.key, key, "{variable}={value}: {error}");
+            assert!(!error.to_string().contains('\n'), "one line: {error}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn log_levels_and_per_target_levels_are_accepted() -> Result<(), ConfigError> {
+        for level in [
+            "info",
+            "DEBUG",
+            "audio_store=debug,info",
+            "warn, h2=off",
+            "audio_store::worker=trace",
+        ] {
+            Settings::load(None, &with(minimal(), "AUDIO_STORE__LOG__LEVEL", level))?;
+        }
+        Ok(())
+    }
+
+    #[test]
     fn a_missing_required_key_is_named() {
         let mut environment = minimal();
         environment.remove("AUDIO_STORE__STORAGE__BUCKET");
@@ -1102,6 +1263,7 @@ mod tests {
                 ("log", "level", _) => "debug",
                 ("pubsub", "ack_deadline" | "redelivery_min_backoff" | "redelivery_max_backoff", _) => "20s",
                 ("worker" | "retry", _, _) => "1s",
+                ("pubsub", "topic", _) => "input-name",
                 _ => "some-name",
             };
             environment.insert(variable, value.to_string());

@@ -68,6 +68,11 @@ impl ErrorKind {
         }
     }
 
+    /// The kind named `name` (as in [`ErrorKind::as_str`]), if there is one.
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
     /// Whether retrying the same message can never succeed: it is dead-lettered.
     pub fn is_permanent(self) -> bool {
         match self {
@@ -89,6 +94,35 @@ impl ErrorKind {
 impl fmt::Display for ErrorKind {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(self.as_str())
+    }
+}
+
+/// An error and its sources on one line, `outer: inner: root`, each link once.
+///
+/// For logs and messages that only show `Display`: errors that add context keep
+/// their cause as a source, not in their message. Some errors (the SDKs')
+/// repeat their source in their own message as well; a link whose text the
+/// line already holds is left out.
+pub struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+/// The whole chain of `error` on one line; see [`Chain`].
+pub fn chain<'a>(error: &'a (dyn std::error::Error + 'static)) -> Chain<'a> {
+    Chain(error)
+}
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut line = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            let text = error.to_string();
+            if !text.is_empty() && !line.contains(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            source = error.source();
+        }
+        formatter.write_str(&line)
     }
 }
 
@@ -189,13 +223,13 @@ impl From<StoreError> for Failure {
                 Some(_) => ErrorKind::StorageRejected,
             },
         };
-        Failure::new(kind, error)
+        Failure::new(kind, chain(&error))
     }
 }
 
 impl From<PubsubError> for Failure {
     fn from(error: PubsubError) -> Failure {
-        Failure::new(ErrorKind::PubsubUnavailable, error)
+        Failure::new(ErrorKind::PubsubUnavailable, chain(&error))
     }
 }
 
@@ -257,6 +291,35 @@ mod tests {
         assert_eq!(
             Failure::from(SourceError::Changed("/spool/x.wav".into())).kind(),
             ErrorKind::SourceNotAllowed
+        );
+    }
+
+    #[test]
+    fn every_kind_is_found_by_its_name() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::from_name(kind.as_str()), Some(kind));
+        }
+        assert_eq!(ErrorKind::from_name("nonsense"), None);
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connect audio-archive")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("credentials: no ADC found")]
+    struct Middle(#[source] Repeating);
+
+    /// Like the SDKs' errors: the message repeats the source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("no ADC found")]
+    struct Repeating;
+
+    #[test]
+    fn a_chain_prints_each_link_once() {
+        assert_eq!(
+            chain(&Outer(Middle(Repeating))).to_string(),
+            "connect audio-archive: credentials: no ADC found"
         );
     }
 

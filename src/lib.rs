@@ -16,13 +16,16 @@
 //! - [`store`] — the only module that talks to Cloud Storage.
 //! - [`pubsub`] — the only module that talks to Pub/Sub.
 //! - [`pipeline`] — everything that happens to one message.
+//! - [`dead_letter`] — the dead-letter copy of a permanent failure, within Pub/Sub's limits.
 //! - [`worker`] — the loop that pulls, bounds concurrency and shuts down.
 //! - [`setup`], [`publish`] and [`replay`] — the operator commands.
 //! - [`metrics`] and [`health`] — Prometheus metrics and the `/healthz` `/readyz` `/metrics` endpoint.
+//! - [`monitor`] — liveness and the Pub/Sub probe, beside the worker loop.
 //! - [`telemetry`] — logging.
 
 pub mod config;
 pub mod content;
+pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod health;
@@ -31,6 +34,7 @@ pub mod layout;
 pub mod media;
 pub mod message;
 pub mod metrics;
+pub mod monitor;
 pub mod pipeline;
 pub mod publish;
 pub mod pubsub;

@@ -1,17 +1,19 @@
 //! The `audio-store` binary: parses arguments, loads the settings, starts
 //! telemetry and calls into the library.
 
-use anyhow::Context as _;
 use audio_store::config::{ConfigError, Environment, Settings};
+use audio_store::error::chain;
 use audio_store::publish::ProcessedMessage;
-use audio_store::replay::{self, ReplayError, ReplayOptions, Reporter};
+use audio_store::replay::{self, Rate, ReplayError, ReplayOptions, Reporter};
 use audio_store::{publish, setup, telemetry, worker};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::signal::unix::{SignalKind, signal};
 
 /// Stores processed audio from Pub/Sub in Cloud Storage.
 #[derive(Debug, Parser)]
@@ -27,7 +29,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the worker until SIGTERM or Ctrl-C.
+    /// Run the worker until SIGTERM, SIGINT (Ctrl-C) or SIGHUP.
     Run,
     /// Create the configured topics, subscriptions and bucket (idempotent).
     Setup,
@@ -57,11 +59,11 @@ enum Command {
         /// Stop after moving this many messages.
         #[arg(long, value_name = "N")]
         limit: Option<u64>,
-        /// At most this many messages per second.
+        /// At most this many messages per second (0.001 to 10000).
         #[arg(long, value_name = "N")]
-        rate: Option<f64>,
+        rate: Option<Rate>,
         /// Move only messages of this error kind (e.g. source_missing; max_delivery_attempts for Pub/Sub's own).
-        #[arg(long, value_name = "KIND")]
+        #[arg(long, value_name = "KIND", value_parser = clap::builder::PossibleValuesParser::new(replay::error_kind_names()))]
         error_kind: Option<String>,
         /// List what would move; move nothing.
         #[arg(long)]
@@ -88,15 +90,55 @@ fn key_value(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// How a command failed, which decides the exit status.
+#[derive(Debug)]
+enum Failure {
+    /// The configuration cannot work: exit 2.
+    Config(ConfigError),
+    /// The command line names something that does not exist: exit 2.
+    Usage(anyhow::Error),
+    /// Anything else: exit 1.
+    Failed(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(error: ConfigError) -> Failure {
+        Failure::Config(error)
+    }
+}
+
+impl Failure {
+    fn failed(error: impl Into<anyhow::Error>) -> Failure {
+        Failure::Failed(error.into())
+    }
+
+    /// Prints the failure (each link of its chain once) and gives its exit status.
+    fn report(self) -> ExitCode {
+        match self {
+            Failure::Config(error) => {
+                eprintln!("audio-store: configuration error: {error}");
+                ExitCode::from(2)
+            }
+            Failure::Usage(error) => {
+                eprintln!("audio-store: {}", chain(error.as_ref()));
+                ExitCode::from(2)
+            }
+            Failure::Failed(error) => {
+                let error = chain(error.as_ref()).to_string();
+                tracing::error!(%error, "audio-store failed");
+                eprintln!("audio-store: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let environment: Environment = std::env::vars().collect();
     let settings = match Settings::load(cli.config.as_deref(), &environment) {
         Ok(settings) => settings,
-        Err(error) => {
-            eprintln!("audio-store: configuration error: {error}");
-            return ExitCode::from(2);
-        }
+        Err(error) => return Failure::Config(error).report(),
     };
     if let Command::CheckConfig = cli.command {
         print!("{}", settings.effective_toml());
@@ -106,40 +148,28 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("audio-store: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
+            return Failure::failed(anyhow::Error::new(error).context("cannot start the runtime")).report();
         }
     };
     match runtime.block_on(execute(cli.command, settings)) {
         Ok(code) => code,
-        Err(error) if error.downcast_ref::<ConfigError>().is_some() => {
-            eprintln!("audio-store: configuration error: {error:#}");
-            ExitCode::from(2)
-        }
-        Err(error)
-            if matches!(
-                error.downcast_ref::<ReplayError>(),
-                Some(ReplayError::NoSubscription(_) | ReplayError::NoTopic(_))
-            ) =>
-        {
-            eprintln!("audio-store: {error:#}");
-            ExitCode::from(2)
-        }
-        Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "audio-store failed");
-            eprintln!("audio-store: {error:#}");
-            ExitCode::FAILURE
-        }
+        Err(failure) => failure.report(),
     }
 }
 
-async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+async fn execute(command: Command, settings: Settings) -> Result<ExitCode, Failure> {
     match command {
         Command::Run => {
-            worker::run_service(Arc::new(settings), shutdown_signal()).await?;
+            // Listening starts before anything else, so a signal at any point of start-up
+            // ends the worker cleanly instead of killing it.
+            let shutdown = shutdown_signal().map_err(Failure::failed)?;
+            worker::run_service(Arc::new(settings), shutdown)
+                .await
+                .map_err(Failure::failed)?;
         }
         Command::Setup => {
-            for step in setup::run(&settings).await? {
+            let topic = settings.input_topic()?;
+            for step in setup::run(&settings, topic).await.map_err(Failure::failed)? {
                 let state = if step.created { "created" } else { "exists " };
                 println!("{state} {:<12} {}", step.resource, step.name);
             }
@@ -150,13 +180,16 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             id,
             metadata,
         } => {
+            let topic = settings.input_topic()?;
             let message = ProcessedMessage {
                 audio,
                 thumbnail,
                 id,
                 metadata: metadata.into_iter().collect::<BTreeMap<_, _>>(),
             };
-            let message_id = publish::run(&settings, &message).await?;
+            let message_id = publish::run(&settings, topic, &message)
+                .await
+                .map_err(Failure::failed)?;
             println!("{message_id}");
         }
         Command::Replay {
@@ -194,7 +227,12 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             } else {
                 Box::new(replay::TextReporter::new())
             };
-            let summary = replay::run(&settings, &options, reporter.as_mut()).await?;
+            let summary = replay::run(&settings, &options, reporter.as_mut())
+                .await
+                .map_err(|error| match error {
+                    ReplayError::NoSubscription(_) | ReplayError::NoTopic(_) => Failure::Usage(error.into()),
+                    ReplayError::Pubsub(_) => Failure::failed(error),
+                })?;
             reporter.finish(&summary);
             if summary.failed > 0 {
                 return Ok(ExitCode::FAILURE);
@@ -205,26 +243,21 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-/// Completes on SIGTERM or Ctrl-C (SIGINT).
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("SIGTERM handler")
-        {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(
-                    error = format!("{error:#}"),
-                    "cannot listen for SIGTERM; Ctrl-C only"
-                );
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutdown requested"),
-        () = terminate => tracing::info!(signal = "SIGTERM", "shutdown requested"),
-    }
+/// Listens for SIGTERM, SIGINT (Ctrl-C) and SIGHUP from now on; the future
+/// completes on the first of them.
+///
+/// SIGHUP ends the worker the same graceful way: the worker has nothing to
+/// reload, and a hangup (a closed terminal or session) means its owner is gone.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+            _ = hangup.recv() => "SIGHUP",
+        };
+        tracing::info!(signal = name, "shutdown requested");
+    })
 }

@@ -46,6 +46,7 @@ pub struct Metrics {
     retries: Family<KindLabels, Counter>,
     dead_lettered: Family<KindLabels, Counter>,
     sources_kept: Family<ReasonLabels, Counter>,
+    pull_reconnects: Counter,
 }
 
 impl Default for Metrics {
@@ -103,6 +104,12 @@ impl Metrics {
                 reason: reason.as_str(),
             });
         }
+        let pull_reconnects = Counter::default();
+        registry.register(
+            "pull_reconnects",
+            "Streaming pulls reopened after they failed or ended",
+            pull_reconnects.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -134,6 +141,7 @@ impl Metrics {
             retries,
             dead_lettered,
             sources_kept,
+            pull_reconnects,
         }
     }
 
@@ -170,6 +178,16 @@ impl Metrics {
                 error_kind: kind.as_str(),
             })
             .inc();
+    }
+
+    /// Counts one reopening of the streaming pull.
+    pub fn pull_reconnected(&self) {
+        self.pull_reconnects.inc();
+    }
+
+    /// How often the streaming pull was reopened.
+    pub fn pull_reconnects(&self) -> u64 {
+        self.pull_reconnects.get()
     }
 
     /// Counts bytes written to the archive.
@@ -254,6 +272,7 @@ mod tests {
             "audio_store_uploaded_bytes_total 1234",
             "audio_store_processing_seconds_count 2",
             "audio_store_in_flight_messages 0",
+            "audio_store_pull_reconnects_total 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

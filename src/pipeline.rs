@@ -9,7 +9,8 @@
 
 use crate::config::Settings;
 use crate::content::{self, ContentType, MediaClass};
-use crate::error::{ErrorKind, Failure};
+use crate::dead_letter;
+use crate::error::{ErrorKind, Failure, chain};
 use crate::event::{self, EventMedia, EventSource, StoredEvent, StoredObject};
 use crate::layout::{Date, Kind};
 use crate::media::{self, Media, Probed};
@@ -614,11 +615,17 @@ impl Pipeline {
             delivery.nack();
             return Outcome::Nacked(kind);
         };
-        let attributes = dead_letter_attributes(envelope, failure);
-        let publish = || outbox.publish(envelope.data.to_vec(), attributes.clone());
+        let copy = dead_letter::copy(envelope, failure);
+        if copy.data.len() < envelope.data.len() {
+            warn!(
+                bytes = envelope.data.len(),
+                "the dead-letter copy goes without its data: the message would exceed Pub/Sub's size limit"
+            );
+        }
+        let publish = || outbox.publish(copy.data.clone(), copy.attributes.clone());
         let published = publish.retry(self.backoff()).sleep(tokio::time::sleep).await;
         if let Err(error) = published {
-            warn!(%error, error_kind = kind.as_str(), "dead-letter publish failed; nacking");
+            warn!(error = %chain(&error), error_kind = kind.as_str(), "dead-letter publish failed; nacking");
             delivery.nack();
             return Outcome::Nacked(ErrorKind::PubsubUnavailable);
         }
@@ -633,29 +640,6 @@ impl Pipeline {
         );
         Outcome::DeadLettered(kind)
     }
-}
-
-/// The original attributes plus `error_kind`, `error`, `original_message_id` and `original_publish_time`.
-///
-/// A message that was already replayed keeps its first `original_message_id`,
-/// so its identity never changes.
-fn dead_letter_attributes(envelope: &Envelope, failure: &Failure) -> Vec<(String, String)> {
-    let mut attributes: BTreeMap<String, String> = envelope
-        .attributes
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    attributes.insert("error_kind".into(), failure.kind().as_str().into());
-    attributes.insert("error".into(), failure.message().into());
-    attributes
-        .entry("original_message_id".into())
-        .or_insert_with(|| envelope.message_id.clone());
-    if let Some(published) = envelope.publish_time {
-        attributes
-            .entry("original_publish_time".into())
-            .or_insert_with(|| event::format_timestamp(published));
-    }
-    attributes.into_iter().collect()
 }
 
 /// CRC32C of a local source, for comparing with an existing object: the one
@@ -798,35 +782,6 @@ fn stored_object(info: ObjectInfo, content_type: ContentType, media: &Media) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dead_letter_attributes_keep_the_original_and_add_the_error() {
-        let mut envelope = Envelope {
-            message_id: "42".into(),
-            publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
-            ..Envelope::default()
-        };
-        envelope.attributes.insert("idempotency_key".into(), "k".into());
-        let failure = Failure::new(
-            ErrorKind::BadContent,
-            "audio: /x.mp3 is not a recognised audio format",
-        );
-        let attributes: BTreeMap<String, String> =
-            dead_letter_attributes(&envelope, &failure).into_iter().collect();
-        assert_eq!(attributes["idempotency_key"], "k");
-        assert_eq!(attributes["error_kind"], "bad_content");
-        assert_eq!(attributes["original_message_id"], "42");
-        assert_eq!(attributes["original_publish_time"], "1970-01-01T00:00:00.000Z");
-
-        envelope.message_id = "43".into();
-        envelope.attributes = attributes.into_iter().collect();
-        let again: BTreeMap<String, String> =
-            dead_letter_attributes(&envelope, &failure).into_iter().collect();
-        assert_eq!(
-            again["original_message_id"], "42",
-            "a replayed message keeps its first id"
-        );
-    }
 
     #[tokio::test]
     async fn content_must_match_the_kind() {

@@ -21,21 +21,14 @@ pub struct ProcessedMessage {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// Why publishing failed.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// The input topic is not configured.
-    #[error("{0}")]
-    Config(#[from] crate::config::ConfigError),
-    /// The publish was not confirmed.
-    #[error("{0}")]
-    Pubsub(#[from] PubsubError),
-}
-
-/// Publishes `message` to the input topic and returns its message id once confirmed.
-pub async fn run(settings: &Settings, message: &ProcessedMessage) -> Result<String, PublishError> {
-    let topic = settings.input_topic()?;
+/// Publishes `message` to `topic` (the input topic, [`Settings::input_topic`])
+/// and returns its message id once confirmed.
+pub async fn run(
+    settings: &Settings,
+    topic: &str,
+    message: &ProcessedMessage,
+) -> Result<String, PubsubError> {
     let outbox = Outbox::connect(&settings.pubsub, topic, pubsub::QUICK_BATCHING).await?;
     let data = serde_json::to_vec(message).expect("a message of strings always serialises");
-    Ok(outbox.publish(data, std::iter::empty()).await?)
+    outbox.publish(data, std::iter::empty()).await
 }

@@ -7,6 +7,8 @@
 use crate::config::{Endpoint, PubsubSettings};
 use crate::message::Envelope;
 use google_cloud_auth::credentials::Credentials;
+use google_cloud_gax::error::rpc::Code;
+use google_cloud_gax::options::RequestOptionsBuilder as _;
 use google_cloud_gax::retry_policy::RetryPolicyExt as _;
 use google_cloud_pubsub::client::{Publisher, Subscriber, SubscriptionAdmin, TopicAdmin};
 use google_cloud_pubsub::model::{DeadLetterPolicy, Message, RetryPolicy};
@@ -15,14 +17,18 @@ use google_cloud_pubsub::subscriber::{MessageStream, ShutdownToken};
 use std::time::Duration;
 
 /// A failed Pub/Sub operation.
+///
+/// Its message is the context (`pull from projects/P/subscriptions/S`); the
+/// cause is its source, so print it with [`crate::error::chain`] or `{:#}`.
 #[derive(Debug, thiserror::Error)]
-#[error("{operation} {resource}: {cause}")]
+#[error("{operation} {resource}")]
 pub struct PubsubError {
     /// What was attempted.
     pub operation: &'static str,
     /// The topic or subscription.
     pub resource: String,
     /// The underlying failure.
+    #[source]
     pub cause: PubsubCause,
 }
 
@@ -30,17 +36,20 @@ pub struct PubsubError {
 #[derive(Debug, thiserror::Error)]
 pub enum PubsubCause {
     /// An RPC error.
-    #[error("{0}")]
+    #[error(transparent)]
     Rpc(#[from] google_cloud_pubsub::Error),
     /// A confirmed ack or nack that failed (exactly-once subscriptions).
-    #[error("{0}")]
+    #[error(transparent)]
     Ack(#[from] google_cloud_pubsub::error::AckError),
     /// A publish that was not confirmed.
-    #[error("{0}")]
+    #[error(transparent)]
     Publish(#[from] google_cloud_pubsub::error::PublishError),
     /// A client could not be built.
     #[error("{0}")]
     Build(String),
+    /// No answer in time.
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
 }
 
 impl PubsubError {
@@ -53,16 +62,21 @@ impl PubsubError {
 impl PubsubCause {
     /// Whether the resource does not exist (a configuration problem, not a transient one).
     pub fn is_not_found(&self) -> bool {
-        let not_found = |error: &google_cloud_pubsub::Error| {
-            error
-                .status()
-                .is_some_and(|s| s.code == google_cloud_gax::error::rpc::Code::NotFound)
+        self.code() == Some(Code::NotFound)
+    }
+
+    /// Whether the caller may not use the resource (missing IAM role).
+    pub fn is_permission_denied(&self) -> bool {
+        self.code() == Some(Code::PermissionDenied)
+    }
+
+    fn code(&self) -> Option<Code> {
+        let error = match self {
+            PubsubCause::Rpc(error) => error,
+            PubsubCause::Publish(google_cloud_pubsub::error::PublishError::Rpc(error)) => error,
+            _ => return None,
         };
-        match self {
-            PubsubCause::Rpc(error) => not_found(error),
-            PubsubCause::Publish(google_cloud_pubsub::error::PublishError::Rpc(error)) => not_found(error),
-            _ => false,
-        }
+        error.status().map(|status| status.code)
     }
 }
 
@@ -293,6 +307,60 @@ impl InboxCloser {
     }
 }
 
+/// Asks Pub/Sub about the input subscription, cheaply and often, so that
+/// readiness can say whether the worker can reach it.
+///
+/// The streaming pull cannot tell: the SDK retries opening it forever, out of
+/// sight, and reports only permanent errors. `GetSubscription` needs
+/// `pubsub.subscriptions.get`, which `roles/pubsub.subscriber` does not
+/// grant: the worker also needs `roles/pubsub.viewer` on the subscription.
+#[derive(Clone, Debug)]
+pub struct SubscriptionProbe {
+    subscription: String,
+    admin: SubscriptionAdmin,
+}
+
+/// The longest one probe may take before it counts as unreachable.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl SubscriptionProbe {
+    /// Connects a probe of the input subscription.
+    pub async fn connect(settings: &PubsubSettings) -> Result<SubscriptionProbe, PubsubError> {
+        let failed = |cause: PubsubCause| PubsubError {
+            operation: "connect probe of",
+            resource: settings.subscription.clone(),
+            cause,
+        };
+        let connection = Connection::new(&settings.endpoint).map_err(failed)?;
+        let admin = subscription_admin(connection).await.map_err(failed)?;
+        Ok(SubscriptionProbe {
+            subscription: settings.subscription.clone(),
+            admin,
+        })
+    }
+
+    /// Whether the subscription exists and may be read, in one attempt of at
+    /// most [`PROBE_TIMEOUT`].
+    pub async fn check(&self) -> Result<(), PubsubError> {
+        let request = self
+            .admin
+            .get_subscription()
+            .set_subscription(&self.subscription)
+            .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry)
+            .with_attempt_timeout(PROBE_TIMEOUT)
+            .send();
+        let result = match tokio::time::timeout(PROBE_TIMEOUT + Duration::from_secs(1), request).await {
+            Ok(result) => result.map(drop).map_err(PubsubCause::from),
+            Err(_) => Err(PubsubCause::Timeout(PROBE_TIMEOUT)),
+        };
+        result.map_err(|cause| PubsubError {
+            operation: "probe",
+            resource: self.subscription.clone(),
+            cause,
+        })
+    }
+}
+
 /// What `setup` asks for of a subscription.
 #[derive(Debug, Clone)]
 pub struct SubscriptionSpec {
@@ -324,20 +392,15 @@ impl Admin {
         };
         let connection = Connection::new(&settings.endpoint).map_err(failed)?;
         let mut topics = TopicAdmin::builder().with_credentials(connection.credentials.clone());
-        let mut subscriptions = SubscriptionAdmin::builder().with_credentials(connection.credentials);
-        if let Some(endpoint) = connection.endpoint {
+        if let Some(endpoint) = &connection.endpoint {
             topics = topics.with_endpoint(endpoint.clone());
-            subscriptions = subscriptions.with_endpoint(endpoint);
         }
         Ok(Admin {
             topics: topics
                 .build()
                 .await
                 .map_err(|error| failed(PubsubCause::Build(error.to_string())))?,
-            subscriptions: subscriptions
-                .build()
-                .await
-                .map_err(|error| failed(PubsubCause::Build(error.to_string())))?,
+            subscriptions: subscription_admin(connection).await.map_err(failed)?,
         })
     }
 
@@ -386,6 +449,17 @@ impl Admin {
         }
         created(request.send().await).map_err(failed)
     }
+}
+
+async fn subscription_admin(connection: Connection) -> Result<SubscriptionAdmin, PubsubCause> {
+    let mut builder = SubscriptionAdmin::builder().with_credentials(connection.credentials);
+    if let Some(endpoint) = connection.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    builder
+        .build()
+        .await
+        .map_err(|error| PubsubCause::Build(error.to_string()))
 }
 
 fn created<T>(result: Result<T, google_cloud_pubsub::Error>) -> Result<bool, PubsubCause> {

@@ -7,12 +7,21 @@
 //! (at worst a message is moved twice, which identity makes harmless).
 //! Messages that are not moved (filtered out, or a dry run) are held until
 //! the end and then released, untouched, back to the dead-letter subscription.
+//!
+//! A run terminates while the worker runs and moves each dead letter at most
+//! once: a message that reached the dead-letter subscription after the run
+//! started (by its publish time), or whose `original_message_id` this run
+//! already moved, is deferred — held and released at the end, for the next
+//! run. Without that, a message that fails again would come back under a new
+//! message id and be moved again and again.
 
 use crate::config::Settings;
+use crate::dead_letter;
+use crate::error::{ErrorKind, chain};
 use crate::message::Envelope;
 use crate::pubsub::{self, Delivery, Inbox, Outbox, PubsubError};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 /// The error kind shown for messages Pub/Sub itself dead-lettered after too many deliveries.
@@ -22,6 +31,59 @@ pub const MAX_DELIVERY_ATTEMPTS: &str = "max_delivery_attempts";
 const DEAD_LETTER_ATTRIBUTES: [&str; 2] = ["error_kind", "error"];
 /// Prefix of the attributes Pub/Sub's own dead-lettering adds.
 const PUBSUB_DEAD_LETTER_PREFIX: &str = "CloudPubSubDeadLetterSource";
+
+/// The names `--error-kind` accepts: every [`ErrorKind`] and [`MAX_DELIVERY_ATTEMPTS`].
+pub fn error_kind_names() -> Vec<&'static str> {
+    ErrorKind::ALL
+        .iter()
+        .map(|kind| kind.as_str())
+        .chain([MAX_DELIVERY_ATTEMPTS])
+        .collect()
+}
+
+/// A pace of at most so many moves per second, checked when it is made.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    period: Duration,
+}
+
+impl Rate {
+    /// The slowest pace accepted, in messages per second (one every 1,000 s).
+    pub const MIN: f64 = 0.001;
+    /// The fastest pace accepted, in messages per second.
+    pub const MAX: f64 = 10_000.0;
+
+    /// At most `per_second` moves per second: a finite number from [`Rate::MIN`] to [`Rate::MAX`].
+    pub fn per_second(per_second: f64) -> Result<Rate, String> {
+        if !(per_second.is_finite() && (Rate::MIN..=Rate::MAX).contains(&per_second)) {
+            return Err(format!(
+                "expected messages per second from {} to {}, got {per_second}",
+                Rate::MIN,
+                Rate::MAX
+            ));
+        }
+        Ok(Rate {
+            period: Duration::from_secs_f64(1.0 / per_second),
+        })
+    }
+
+    /// The time between two moves.
+    pub fn period(self) -> Duration {
+        self.period
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Rate, String> {
+        let per_second: f64 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("expected a number of messages per second, got {text:?}"))?;
+        Rate::per_second(per_second)
+    }
+}
 
 /// What to replay and how.
 #[derive(Debug, Clone)]
@@ -33,7 +95,7 @@ pub struct ReplayOptions {
     /// Stop after moving this many.
     pub limit: Option<u64>,
     /// At most this many moves per second.
-    pub rate: Option<f64>,
+    pub rate: Option<Rate>,
     /// Move only messages of this error kind (`max_delivery_attempts` for Pub/Sub's own).
     pub error_kind: Option<String>,
     /// List what would move, move nothing.
@@ -50,8 +112,11 @@ pub enum Action {
     Moved,
     /// Would be moved (dry run).
     WouldMove,
-    /// Left in the dead-letter subscription (filtered out).
+    /// Left in the dead-letter subscription (filtered out, or its data was not kept).
     Skipped,
+    /// Left for the next run: it reached the dead-letter subscription after this
+    /// run started, or this run already moved its `original_message_id`.
+    Deferred,
     /// The republish failed; left in the dead-letter subscription.
     Failed,
 }
@@ -85,7 +150,7 @@ pub struct Entry {
 pub struct Summary {
     /// Republished and acked (or, in a dry run, would be).
     pub moved: u64,
-    /// Left alone by the filter.
+    /// Left alone: by the filter, deferred to the next run, or without data.
     pub skipped: u64,
     /// Republish failed.
     pub failed: u64,
@@ -103,7 +168,7 @@ pub enum ReplayError {
     #[error("input topic {0} does not exist")]
     NoTopic(String),
     /// Pub/Sub failed otherwise.
-    #[error("{0}")]
+    #[error(transparent)]
     Pubsub(#[from] PubsubError),
 }
 
@@ -129,9 +194,11 @@ pub async fn run(
         ..Summary::default()
     };
     let mut held: Vec<Delivery> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut pacing = options.rate.filter(|rate| *rate > 0.0).map(|rate| {
-        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut seen = HashSet::new();
+    let started = jiff::Timestamp::now();
+    let mut moved_originals = HashSet::new();
+    let mut pacing = options.rate.map(|rate| {
+        let mut interval = tokio::time::interval(rate.period());
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval
     });
@@ -158,11 +225,26 @@ pub async fn run(
             .error_kind
             .as_ref()
             .is_none_or(|kind| *kind == entry.error_kind);
+        let came_back = envelope.publish_time.is_some_and(|published| published > started)
+            || moved_originals.contains(&entry.original_message_id);
+        let dropped = envelope.attributes.get(dead_letter::DATA_DROPPED_BYTES);
         if !wanted {
             entry.action = Action::Skipped;
             summary.skipped += 1;
             held.push(delivery);
+        } else if came_back {
+            entry.action = Action::Deferred;
+            summary.skipped += 1;
+            held.push(delivery);
+        } else if let Some(bytes) = dropped {
+            entry.action = Action::Skipped;
+            entry.failure = Some(format!(
+                "the dead-letter copy does not hold the data ({bytes} bytes, over the message size limit)"
+            ));
+            summary.skipped += 1;
+            held.push(delivery);
         } else if options.dry_run {
+            moved_originals.insert(entry.original_message_id.clone());
             entry.action = Action::WouldMove;
             summary.moved += 1;
             held.push(delivery);
@@ -178,11 +260,13 @@ pub async fn run(
                     Ok(()) => {
                         entry.action = Action::Moved;
                         summary.moved += 1;
+                        moved_originals.insert(entry.original_message_id.clone());
                     }
                     Err(error) => {
                         // Republished but still in the dead-letter subscription: it may move twice.
                         entry.action = Action::Failed;
-                        entry.failure = Some(format!("republished, but the ack failed: {error}"));
+                        entry.failure = Some(format!("republished, but the ack failed: {}", chain(&error)));
+                        moved_originals.insert(entry.original_message_id.clone());
                         summary.failed += 1;
                     }
                 },
@@ -192,7 +276,7 @@ pub async fn run(
                 }
                 Err(error) => {
                     entry.action = Action::Failed;
-                    entry.failure = Some(error.to_string());
+                    entry.failure = Some(chain(&error).to_string());
                     summary.failed += 1;
                     held.push(delivery);
                 }
@@ -339,6 +423,27 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_is_a_finite_positive_pace_within_bounds() {
+        for accepted in ["1", "0.5", "50", "10000", "0.001"] {
+            assert!(accepted.parse::<Rate>().is_ok(), "{accepted}");
+        }
+        for rejected in ["inf", "1e10", "0", "1e-30", "-1", "NaN", "fast", ""] {
+            assert!(rejected.parse::<Rate>().is_err(), "{rejected}");
+        }
+        assert_eq!(
+            Rate::per_second(4.0).map(Rate::period),
+            Ok(Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn every_error_kind_and_max_delivery_attempts_can_be_selected() {
+        let names = error_kind_names();
+        assert!(names.contains(&"source_missing") && names.contains(&MAX_DELIVERY_ATTEMPTS));
+        assert_eq!(names.len(), ErrorKind::ALL.len() + 1);
+    }
+
+    #[test]
     fn the_replay_count_goes_up_each_time() {
         let attributes =
             republished_attributes(&envelope(&[("original_message_id", "42"), ("replay_count", "2")]));
@@ -421,6 +526,7 @@ impl Reporter for TextReporter {
             Action::Moved => "moved",
             Action::WouldMove => "would move",
             Action::Skipped => "skipped",
+            Action::Deferred => "deferred",
             Action::Failed => "FAILED",
         };
         let age = entry

@@ -20,23 +20,20 @@ pub struct Step {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// A Pub/Sub call failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Pubsub(#[from] PubsubError),
     /// A storage call failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
-    /// The input topic is not configured.
-    #[error("{0}")]
-    Config(#[from] crate::config::ConfigError),
 }
 
-/// Creates, unless they exist: the input, stored and dead-letter topics; the
-/// input subscription (ack deadline, dead-letter and retry policy); a
-/// subscription on the dead-letter topic so dead letters are retained; and
-/// the archive bucket.
-pub async fn run(settings: &Settings) -> Result<Vec<Step>, SetupError> {
+/// Creates, unless they exist: the input topic `input_topic`
+/// ([`Settings::input_topic`]), the stored and dead-letter topics; the input
+/// subscription (ack deadline, dead-letter and retry policy); a subscription
+/// on the dead-letter topic so dead letters are retained; and the archive bucket.
+pub async fn run(settings: &Settings, input_topic: &str) -> Result<Vec<Step>, SetupError> {
     let pubsub = &settings.pubsub;
-    let input_topic = settings.input_topic()?.to_string();
+    let input_topic = input_topic.to_string();
     let admin = Admin::connect(pubsub).await?;
     let mut steps = Vec::new();
     let mut topics = vec![input_topic.clone(), pubsub.stored_topic.clone()];

@@ -51,7 +51,7 @@ pub struct StoreError {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreCause {
     /// An error from the official client.
-    #[error("{0}")]
+    #[error(transparent)]
     Client(#[from] google_cloud_storage::Error),
     /// The JSON API answered with an error status.
     #[error("HTTP {status}: {message}")]
@@ -62,13 +62,13 @@ pub enum StoreCause {
         message: String,
     },
     /// The JSON API request did not complete.
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] reqwest::Error),
     /// Credentials could not produce request headers.
     #[error("credentials: {0}")]
     Credentials(String),
     /// Reading the local file failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The server kept different bytes than were sent.
     #[error("{0}")]

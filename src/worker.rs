@@ -1,12 +1,22 @@
 //! The worker loop: pulls messages, bounds how many are in flight, and
-//! watches for shutdown. What happens to each message is the pipeline's job.
+//! watches for shutdown. What happens to each message is the pipeline's job;
+//! liveness and the Pub/Sub probe run beside the loop ([`crate::monitor`]).
+//!
+//! The loop never cancels a pull of its own accord: no timer races the
+//! stream, so an idle worker keeps one StreamingPull open. Only shutdown
+//! interrupts a pending pull, and the stream is then closed through its
+//! shutdown token (see [`run`]).
 
 use crate::config::Settings;
-use crate::health::Health;
+use crate::error::chain;
+use crate::health::{Check, Health, Stage};
+use crate::monitor::Monitor;
 use crate::pipeline::{Outcome, Pipeline};
-use crate::pubsub::{self, Inbox, Outbox, PubsubError};
+use crate::pubsub::{self, Inbox, Outbox, PubsubError, SubscriptionProbe};
 use crate::store::{Store, StoreError};
+use backon::BackoffBuilder as _;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -15,28 +25,32 @@ use tracing::{error, info, warn};
 
 /// Longest wait for pending acks and publishes to be flushed at shutdown.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause before reopening a failed streaming pull.
-const REOPEN_DELAY: Duration = Duration::from_secs(1);
 /// Pause between readiness checks of the archive at startup.
 const READINESS_RETRY: Duration = Duration::from_secs(2);
-/// How often an idle loop still records that it is alive.
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// First pause before reopening a failed streaming pull; it doubles (with jitter) up to
+/// [`REOPEN_MAX_DELAY`] while the pull keeps failing.
+const REOPEN_MIN_DELAY: Duration = Duration::from_secs(1);
+/// Longest pause before reopening a failed streaming pull.
+const REOPEN_MAX_DELAY: Duration = Duration::from_secs(30);
+/// A reopened streaming pull that has not failed for this long counts as working again.
+const REOPEN_SETTLE: Duration = Duration::from_secs(10);
 
 /// Why the worker could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// A Pub/Sub client could not be set up, or the subscription does not exist.
-    #[error("{0}")]
+    /// A Pub/Sub client could not be set up.
+    #[error(transparent)]
     Pubsub(#[from] PubsubError),
     /// The storage client could not be set up.
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// The operations endpoint could not listen.
-    #[error("http.listen {address}: {error}")]
+    #[error("http.listen {address}")]
     Listen {
         /// The configured address.
         address: std::net::SocketAddr,
         /// Why binding failed.
+        #[source]
         error: std::io::Error,
     },
 }
@@ -93,119 +107,69 @@ pub async fn run_service(
     result
 }
 
+/// What the loop works with once it has started.
+struct Started {
+    pipeline: Pipeline,
+    events: Outbox,
+    dead_letters: Option<Outbox>,
+    inbox: Inbox,
+    /// Beats and probes while the worker runs; stops when dropped.
+    _monitor: Monitor,
+}
+
 /// Runs the worker until `shutdown` completes, then drains in-flight messages
 /// for up to `worker.shutdown_grace`, nacks the rest and flushes.
 ///
-/// `health` is ready while messages are being pulled, and not from the
-/// moment shutdown begins.
+/// `health` is ready while messages are being pulled and every check passes
+/// (archive bucket, subscription probe, streaming pull), and not from the
+/// moment shutdown begins. `shutdown` is watched from the first moment: if it
+/// completes during start-up, the worker returns at once with nothing done.
+///
+/// Whatever ends the loop — `shutdown`, or a Pub/Sub client that cannot be
+/// rebuilt — goes through the same drain; the error, if any, is returned after it.
 pub async fn run(
     settings: Arc<Settings>,
     health: Health,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, WorkerError> {
-    let store = Store::connect(&settings.storage).await?;
-    let events = Outbox::connect(
-        &settings.pubsub,
-        &settings.pubsub.stored_topic,
-        pubsub::BUSY_BATCHING,
-    )
-    .await?;
-    let dead_letters = match &settings.pubsub.dead_letter_topic {
-        Some(topic) => Some(Outbox::connect(&settings.pubsub, topic, pubsub::QUICK_BATCHING).await?),
-        None => None,
+    let mut shutdown = std::pin::pin!(shutdown);
+    let started = tokio::select! {
+        biased;
+        () = &mut shutdown => {
+            info!("shut down during start-up");
+            return Ok(Summary::default());
+        }
+        started = start(&settings, &health) => started?,
     };
-    let pipeline = Pipeline::new(
-        settings.clone(),
-        store,
-        events.clone(),
-        dead_letters.clone(),
-        health.metrics.clone(),
-    );
-    let concurrency = settings.worker.concurrency;
-    let mut inbox = Inbox::open(&settings.pubsub, concurrency).await?;
-    info!(
-        subscription = %settings.pubsub.subscription,
-        bucket = %settings.storage.bucket,
-        concurrency,
-        "worker started"
-    );
+    let Started {
+        pipeline,
+        events,
+        dead_letters,
+        mut inbox,
+        _monitor,
+    } = started;
 
-    // Not ready until the archive can be reached: a missing bucket or missing permissions
-    // keep the pod out of service (503 on /readyz) instead of nacking every message.
-    tokio::pin!(shutdown);
-    loop {
-        health.beat();
-        match pipeline.check_archive().await {
-            Ok(()) => break,
-            Err(error) => warn!(%error, "the archive bucket is not reachable; not ready"),
-        }
-        tokio::select! {
-            biased;
-            () = &mut shutdown => {
-                info!("shut down before becoming ready");
-                return Ok(Summary::default());
-            }
-            () = tokio::time::sleep(READINESS_RETRY) => {}
-        }
-    }
-
-    let permits = Arc::new(Semaphore::new(concurrency));
+    let permits = Arc::new(Semaphore::new(settings.worker.concurrency));
     let mut in_flight = JoinSet::new();
     let mut summary = Summary::default();
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    health.set_ready(true);
-    loop {
-        health.beat();
-        // Settle finished tasks as we go so the set does not grow.
-        while let Some(joined) = in_flight.try_join_next() {
-            record(&mut summary, joined);
-        }
-        let permit = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            _ = heartbeat.tick() => continue,
-        };
-        let next = loop {
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break None,
-                next = inbox.next() => break Some(next),
-                _ = heartbeat.tick() => health.beat(),
-            }
-        };
-        let Some(next) = next else { break };
-        match next {
-            Some(Ok((envelope, delivery))) => {
-                let pipeline = pipeline.clone();
-                in_flight.spawn(async move {
-                    let outcome = pipeline.handle(envelope, delivery).await;
-                    drop(permit);
-                    outcome
-                });
-            }
-            Some(Err(error)) if error.cause.is_not_found() => {
-                health.set_ready(false);
-                error!(%error, "the input subscription does not exist");
-                return Err(error.into());
-            }
-            Some(Err(error)) => {
-                warn!(%error, "streaming pull failed; reopening");
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break,
-                    () = tokio::time::sleep(REOPEN_DELAY) => {}
-                }
-                inbox = Inbox::open(&settings.pubsub, concurrency).await?;
-            }
-            None => {
-                warn!("streaming pull ended; reopening");
-                inbox = Inbox::open(&settings.pubsub, concurrency).await?;
-            }
-        }
-    }
+    health.set_stage(Stage::Pulling);
+    let ended = pull(
+        &settings,
+        &health,
+        &pipeline,
+        &mut inbox,
+        &permits,
+        &mut in_flight,
+        &mut summary,
+        &mut shutdown,
+    )
+    .await;
 
-    health.set_ready(false);
+    // The one way out: whatever ended the loop, the drain below always runs.
+    health.set_stage(Stage::Stopping);
+    if let Err(error) = &ended {
+        error!(error = %chain(error), "the worker cannot go on; shutting down");
+    }
     while let Some(joined) = in_flight.try_join_next() {
         record(&mut summary, joined);
     }
@@ -214,6 +178,8 @@ pub async fn run(
         grace_ms = settings.worker.shutdown_grace.as_millis() as u64,
         "shutting down"
     );
+    // Cancelling the stream's shutdown token ends a pull still opening and nacks
+    // what it holds; its lease loop finishes once every delivery was settled.
     let closer = inbox.closer();
     let closing = tokio::spawn(async move { closer.close().await });
     let drained = tokio::time::timeout(settings.worker.shutdown_grace, async {
@@ -252,7 +218,160 @@ pub async fn run(
         nacked = summary.nacked,
         "worker stopped"
     );
-    Ok(summary)
+    ended.map(|()| summary)
+}
+
+/// Connects everything, starts the monitor and waits until the archive bucket
+/// is usable. Dropping it part-way (a shutdown during start-up) leaves nothing
+/// behind: the streaming pull is opened only by the first pull.
+async fn start(settings: &Arc<Settings>, health: &Health) -> Result<Started, WorkerError> {
+    health.set_problem(Check::Archive, Some("not checked yet".into()));
+    health.set_problem(Check::Subscription, Some("not probed yet".into()));
+    let probe = SubscriptionProbe::connect(&settings.pubsub).await?;
+    let monitor = Monitor::start(health.clone(), probe);
+    let store = Store::connect(&settings.storage).await?;
+    let events = Outbox::connect(
+        &settings.pubsub,
+        &settings.pubsub.stored_topic,
+        pubsub::BUSY_BATCHING,
+    )
+    .await?;
+    let dead_letters = match &settings.pubsub.dead_letter_topic {
+        Some(topic) => Some(Outbox::connect(&settings.pubsub, topic, pubsub::QUICK_BATCHING).await?),
+        None => None,
+    };
+    let pipeline = Pipeline::new(
+        settings.clone(),
+        store,
+        events.clone(),
+        dead_letters.clone(),
+        health.metrics.clone(),
+    );
+    let inbox = Inbox::open(&settings.pubsub, settings.worker.concurrency).await?;
+    info!(
+        subscription = %settings.pubsub.subscription,
+        bucket = %settings.storage.bucket,
+        concurrency = settings.worker.concurrency,
+        "worker started"
+    );
+    // Not ready until the archive can be reached: a missing bucket or missing permissions
+    // keep the pod out of service (503 on /readyz) instead of nacking every message.
+    loop {
+        match pipeline.check_archive().await {
+            Ok(()) => break,
+            Err(error) => health.report(Check::Archive, Some(error.to_string())),
+        }
+        tokio::time::sleep(READINESS_RETRY).await;
+    }
+    health.report(Check::Archive, None);
+    Ok(Started {
+        pipeline,
+        events,
+        dead_letters,
+        inbox,
+        _monitor: monitor,
+    })
+}
+
+/// Pulls until `shutdown` completes (`Ok`) or the subscriber cannot be rebuilt (`Err`).
+///
+/// A pull that fails or ends is reopened after a backoff with jitter, logged
+/// at WARN with its cause and counted in `audio_store_pull_reconnects_total`;
+/// meanwhile readiness says why ([`Check::Pull`]) until a message arrives or the
+/// reopened pull has not failed for [`REOPEN_SETTLE`].
+#[allow(clippy::too_many_arguments)] // The loop's state, borrowed from `run`, which drains it after.
+async fn pull<S: Future<Output = ()>>(
+    settings: &Settings,
+    health: &Health,
+    pipeline: &Pipeline,
+    inbox: &mut Inbox,
+    permits: &Arc<Semaphore>,
+    in_flight: &mut JoinSet<Outcome>,
+    summary: &mut Summary,
+    shutdown: &mut Pin<&mut S>,
+) -> Result<(), WorkerError> {
+    let backoff = || {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(REOPEN_MIN_DELAY)
+            .with_max_delay(REOPEN_MAX_DELAY)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut reopen_delays = backoff();
+    // When the pull was reopened after a failure: it counts as working REOPEN_SETTLE later.
+    let mut settling: Option<tokio::time::Instant> = None;
+    loop {
+        // Settle finished tasks as we go so the set does not grow.
+        while let Some(joined) = in_flight.try_join_next() {
+            record(summary, joined);
+        }
+        // Waiting for a permit or a message is interrupted by shutdown only; dropping a
+        // pending `next()` there is what the SDK itself does when its token is cancelled,
+        // and `run` then closes the stream through that token.
+        let permit = tokio::select! {
+            biased;
+            () = shutdown.as_mut() => return Ok(()),
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let next = {
+            let next = inbox.next();
+            tokio::pin!(next);
+            loop {
+                let settled = async {
+                    match settling {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    () = shutdown.as_mut() => return Ok(()),
+                    next = &mut next => break next,
+                    // Observes the pending pull without touching it.
+                    () = settled => {
+                        settling = None;
+                        reopen_delays = backoff();
+                        health.report(Check::Pull, None);
+                    }
+                }
+            }
+        };
+        let problem = match next {
+            Some(Ok((envelope, delivery))) => {
+                if settling.take().is_some() || health.problem(Check::Pull).is_some() {
+                    reopen_delays = backoff();
+                    health.report(Check::Pull, None);
+                }
+                let pipeline = pipeline.clone();
+                in_flight.spawn(async move {
+                    let outcome = pipeline.handle(envelope, delivery).await;
+                    drop(permit);
+                    outcome
+                });
+                continue;
+            }
+            Some(Err(error)) => chain(&error).to_string(),
+            None => "the streaming pull ended".to_string(),
+        };
+        drop(permit);
+        let delay = reopen_delays.next().unwrap_or(REOPEN_MAX_DELAY);
+        warn!(
+            error = %problem,
+            delay_ms = delay.as_millis() as u64,
+            subscription = %settings.pubsub.subscription,
+            "streaming pull failed; reopening"
+        );
+        health.report(Check::Pull, Some(problem));
+        tokio::select! {
+            biased;
+            () = shutdown.as_mut() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+        health.metrics.pull_reconnected();
+        *inbox = Inbox::open(&settings.pubsub, settings.worker.concurrency).await?;
+        settling = Some(tokio::time::Instant::now() + REOPEN_SETTLE);
+    }
 }
 
 fn record(summary: &mut Summary, joined: Result<Outcome, tokio::task::JoinError>) {

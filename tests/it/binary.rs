@@ -47,6 +47,29 @@ async fn check_config_exits_2_with_one_line_naming_the_bad_key() -> anyhow::Resu
         ("AUDIO_STORE__STORAGE__BUCKET", "", "storage.bucket"),
         ("AUDIO_STORE__RETRY__MAX_BACKOFF", "forever", "retry.max_backoff"),
         ("AUDIO_STORE__SURPRISE__KEY", "1", "AUDIO_STORE__SURPRISE__KEY"),
+        (
+            "AUDIO_STORE__PUBSUB__STORED_TOPIC",
+            env.topic.as_str(),
+            "pubsub.stored_topic",
+        ),
+        (
+            "AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC",
+            env.topic.as_str(),
+            "pubsub.dead_letter_topic",
+        ),
+        ("AUDIO_STORE__LOG__LEVEL", "verbose", "log.level"),
+        ("AUDIO_STORE__LOG__LEVEL", "", "log.level"),
+        ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", "/", "sources.local_roots[0]"),
+        (
+            "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
+            "/no/such/audio-store/spool",
+            "sources.local_roots[0]",
+        ),
+        (
+            "AUDIO_STORE__STORAGE__STAGING_BUCKETS",
+            env.bucket.as_str(),
+            "storage.staging_buckets",
+        ),
     ];
     for (variable, value, key) in cases {
         let mut environment = environment(&env, &[]);
@@ -65,6 +88,21 @@ async fn check_config_exits_2_with_one_line_naming_the_bad_key() -> anyhow::Resu
                 "{variable}={value}: {stderr:?} should name {key}"
             );
         }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn setup_and_publish_without_pubsub_topic_exit_2_naming_it_once() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    let mut environment = environment(&env, &[]);
+    environment.remove("AUDIO_STORE__PUBSUB__TOPIC");
+    for args in [&["setup"][..], &["publish", "--audio", "/spool/a.wav"][..]] {
+        let output = run(&environment, args).await?;
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert_eq!(stderr.matches("pubsub.topic").count(), 1, "named once: {stderr}");
     }
     Ok(())
 }

@@ -309,3 +309,36 @@ async fn without_a_dead_letter_topic_a_bad_message_is_nacked_not_lost() -> anyho
     ensure!(summary.nacked >= 1 && summary.dead_lettered == 0, "{summary:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_longer_than_1024_bytes_is_cut_to_fit_the_dead_letter_attribute() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let worker = Worker::start(settings(&env, &[])?);
+    // A missing source under a long path of three-byte characters: its error is
+    // under 500 characters but over 1,024 bytes.
+    let component = "音".repeat(80);
+    let missing = env.spool_path(&format!(
+        "{component}/{component}/{component}/{component}/{component}/gone.wav"
+    ));
+    env.pubsub
+        .publish_json(&env.topic, &json!({"audio": missing}), &[])
+        .await?;
+    let dead = env
+        .pubsub
+        .collect(&env.dead_letter_subscription, 1, Duration::from_secs(60))
+        .await?;
+    worker.stop().await?;
+    let error = dead[0].attribute("error").context("the error attribute")?;
+    ensure!(
+        (1_000..=1_024).contains(&error.len()),
+        "as much of the error as fits 1,024 bytes, got {} bytes",
+        error.len()
+    );
+    ensure!(
+        error.ends_with('…') && error.contains(&component),
+        "cut at a character boundary: {error}"
+    );
+    assert_eq!(dead[0].attribute("error_kind"), Some("source_missing"));
+    Ok(())
+}

@@ -428,6 +428,11 @@ impl PubsubEmulator {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The emulator's log file (stdout and stderr).
+    pub fn log(&self) -> PathBuf {
+        log_dir().join(format!("pubsub-{}.log", self.port))
+    }
+
     /// Kills the emulator (SIGKILL) and waits for it; all its state is lost.
     pub fn stop(&mut self) -> Result<()> {
         match self.process.take() {
@@ -1637,6 +1642,11 @@ impl TestEnv {
         self.gcs.create_bucket(&self.bucket).await?;
         self.gcs.create_bucket(&self.staging_bucket).await?;
         Ok(())
+    }
+
+    /// The log file of this environment's own Pub/Sub emulator, if it has one.
+    pub fn pubsub_log(&self) -> Option<PathBuf> {
+        self._own_pubsub.as_ref().map(PubsubEmulator::log)
     }
 
     /// The absolute path of `name` (may contain `/`) in the spool dir; creates nothing.

@@ -602,3 +602,62 @@ async fn a_message_pubsub_dead_lettered_long_ago_is_stored_under_its_original_da
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_while_the_worker_runs_over_permanent_failures_terminates_and_moves_each_once()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let worker = Worker::start(settings(&env, &[])?);
+    let names = [
+        "gone-1.wav",
+        "gone-2.wav",
+        "gone-3.wav",
+        "gone-4.wav",
+        "gone-5.wav",
+    ];
+    let ids: BTreeSet<String> = dead_letter_missing_files(&env, &worker, &names)
+        .await?
+        .into_iter()
+        .collect();
+
+    // The worker keeps running: every moved message fails again and is dead-lettered again.
+    let (code, stdout, stderr) = replay(&env, &["--output", "json"]).await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines = json_lines(&stdout)?;
+    let moved: Vec<&str> = lines
+        .iter()
+        .filter(|line| line["action"] == "moved")
+        .filter_map(|line| line["original_message_id"].as_str())
+        .collect();
+    assert_eq!(moved.len(), names.len(), "each moved once: {stdout}");
+    assert_eq!(moved_ids(&lines), ids);
+    let summary = lines.last().context("a summary")?;
+    assert_eq!(summary["summary"]["moved"], names.len());
+
+    let metrics = worker.health.metrics.clone();
+    wait_for("the moved messages to fail again", TIMEOUT, || async {
+        Ok((metrics.messages("dead_lettered") >= 2 * names.len() as u64).then_some(()))
+    })
+    .await?;
+    worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_rate_or_an_unknown_error_kind_exits_2() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    for rate in ["inf", "1e10", "0", "1e-30", "-1", "NaN"] {
+        let (code, _, stderr) = replay(&env, &[&format!("--rate={rate}")]).await?;
+        assert_eq!(code, Some(2), "--rate {rate}: {stderr}");
+        ensure!(stderr.contains("--rate"), "--rate {rate}: {stderr}");
+    }
+    let (code, _, stderr) = replay(&env, &["--error-kind", "nonsense"]).await?;
+    assert_eq!(code, Some(2), "{stderr}");
+    ensure!(
+        stderr.contains("source_missing") && stderr.contains("max_delivery_attempts"),
+        "the known kinds are listed: {stderr}"
+    );
+    Ok(())
+}

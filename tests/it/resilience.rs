@@ -3,90 +3,12 @@
 //! sharing one subscription while one of them is killed.
 
 use crate::harness::{FakeGcs, TestEnv, crc32c_file, sample_wav, wait_for, write_large_wav};
-use crate::support::{audio_id_for, environment, event_json, http_get, signal};
-use anyhow::{Context as _, ensure};
+use crate::support::{Process, audio_id_for, event_json, events_for_all};
+use anyhow::ensure;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
-
-/// A worker process with its own operations port.
-struct Process {
-    child: tokio::process::Child,
-    port: u16,
-}
-
-impl Process {
-    fn spawn(env: &TestEnv, overrides: &[(&str, &str)]) -> anyhow::Result<Process> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut all = vec![("AUDIO_STORE__HTTP__LISTEN", listen.as_str())];
-        all.extend_from_slice(overrides);
-        let child = tokio::process::Command::new(BINARY)
-            .arg("run")
-            .env_clear()
-            .envs(environment(env, &all))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        Ok(Process { child, port })
-    }
-
-    /// A sample from `/metrics`, `None` until the endpoint answers.
-    async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
-        Ok(http_get(self.port, "/metrics").await?.map(|(_, text)| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-                .unwrap_or(0.0)
-        }))
-    }
-
-    async fn signal(&self, name: &str) -> anyhow::Result<()> {
-        signal(&self.child, name).await
-    }
-}
-
-/// Collects stored events until every one of `ids` has one, releasing the
-/// emulator's leases on the input subscription now and then: it keeps
-/// messages leased to a killed process's stream, where production Pub/Sub
-/// would redeliver them after the ack deadline.
-async fn events_for_all(
-    env: &TestEnv,
-    ids: &BTreeSet<String>,
-    timeout: Duration,
-) -> anyhow::Result<BTreeMap<String, Vec<serde_json::Value>>> {
-    let mut events: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last_release = tokio::time::Instant::now();
-    loop {
-        for event in env
-            .pubsub
-            .drain_for(&env.stored_subscription, Duration::from_millis(500))
-            .await?
-        {
-            let json = event_json(&event)?;
-            let id = json["audio_id"].as_str().context("audio_id")?.to_string();
-            events.entry(id).or_default().push(json);
-        }
-        if ids.iter().all(|id| events.contains_key(id)) {
-            return Ok(events);
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {} messages stored after {timeout:?}",
-            ids.iter().filter(|id| events.contains_key(*id)).count(),
-            ids.len()
-        );
-        if last_release.elapsed() > Duration::from_secs(5) {
-            env.pubsub.release_leases(&env.subscription).await?;
-            last_release = tokio::time::Instant::now();
-        }
-    }
-}
 
 /// Every message has exactly one object, holding its source's bytes.
 async fn one_object_set_each(env: &TestEnv, expected: &BTreeMap<String, String>) -> anyhow::Result<()> {

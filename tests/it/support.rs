@@ -2,12 +2,14 @@
 //! running in-process, and the expectations shared by several tests.
 
 use crate::harness::{PROJECT, Received, TestEnv};
-use anyhow::Context as _;
+use anyhow::{Context as _, ensure};
 use audio_store::config::{Environment, Settings};
 use audio_store::health::Health;
 use audio_store::identity::{AudioId, IdentityKey};
 use audio_store::worker::{self, Summary, WorkerError};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -154,4 +156,114 @@ pub fn event_strings(events: &[Received], pointer: &str) -> anyhow::Result<Vec<S
                 .to_string())
         })
         .collect()
+}
+
+/// The `audio-store` binary built for these tests.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
+
+/// A worker process (`audio-store run`) with its own operations port; its
+/// stderr (the JSON log) goes to a file that [`Process::log`] reads.
+pub struct Process {
+    /// The process, for waiting on it.
+    pub child: tokio::process::Child,
+    /// The port of `/healthz`, `/readyz` and `/metrics`.
+    pub port: u16,
+    log: tempfile::NamedTempFile,
+}
+
+impl Process {
+    /// Starts `audio-store run` with `env`'s environment plus `overrides`.
+    pub fn spawn(env: &TestEnv, overrides: &[(&str, &str)]) -> anyhow::Result<Process> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec![("AUDIO_STORE__HTTP__LISTEN", listen.as_str())];
+        all.extend_from_slice(overrides);
+        let log = tempfile::Builder::new()
+            .prefix("audio-store-worker-")
+            .suffix(".log")
+            .tempfile()?;
+        let child = tokio::process::Command::new(BINARY)
+            .arg("run")
+            .env_clear()
+            .envs(environment(env, &all))
+            .stdout(std::process::Stdio::null())
+            .stderr(log.reopen()?)
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Process { child, port, log })
+    }
+
+    /// A sample from `/metrics`, `None` until the endpoint answers.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
+        Ok(http_get(self.port, "/metrics").await?.map(|(_, text)| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0.0)
+        }))
+    }
+
+    /// `GET /readyz`: status and body, `None` until the endpoint answers.
+    pub async fn readyz(&self) -> anyhow::Result<Option<(u16, String)>> {
+        http_get(self.port, "/readyz").await
+    }
+
+    /// Sends `name` (e.g. `-TERM`) to the process.
+    pub async fn signal(&self, name: &str) -> anyhow::Result<()> {
+        signal(&self.child, name).await
+    }
+
+    /// The log so far, one JSON object per line.
+    pub fn log(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(self.log.path())?;
+        Ok(text
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect())
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code.
+    pub async fn exit_code(&mut self, timeout: std::time::Duration) -> anyhow::Result<Option<i32>> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| format!("the worker did not exit within {timeout:?}"))??;
+        Ok(status.code())
+    }
+}
+
+/// Collects stored events until every one of `ids` has one, releasing the
+/// emulator's leases on the input subscription now and then: it keeps
+/// messages leased to a killed process's stream, where production Pub/Sub
+/// would redeliver them after the ack deadline.
+pub async fn events_for_all(
+    env: &TestEnv,
+    ids: &BTreeSet<String>,
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<String, Vec<serde_json::Value>>> {
+    let mut events: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_release = tokio::time::Instant::now();
+    loop {
+        for event in env
+            .pubsub
+            .drain_for(&env.stored_subscription, Duration::from_millis(500))
+            .await?
+        {
+            let json = event_json(&event)?;
+            let id = json["audio_id"].as_str().context("audio_id")?.to_string();
+            events.entry(id).or_default().push(json);
+        }
+        if ids.iter().all(|id| events.contains_key(id)) {
+            return Ok(events);
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} messages stored after {timeout:?}",
+            ids.iter().filter(|id| events.contains_key(*id)).count(),
+            ids.len()
+        );
+        if last_release.elapsed() > Duration::from_secs(5) {
+            env.pubsub.release_leases(&env.subscription).await?;
+            last_release = tokio::time::Instant::now();
+        }
+    }
 }

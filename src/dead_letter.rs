@@ -1,0 +1,165 @@
+//! Dead-letter copies: what the worker publishes for a permanent failure,
+//! kept within Pub/Sub's limits so that the publish cannot be refused.
+//!
+//! Pub/Sub refuses an attribute value over 1,024 bytes and a message over
+//! 10 MB (data plus attributes). The emulator enforces neither, so the limits
+//! are applied here: the `error` attribute is cut at a character boundary to
+//! fit, and a copy that would still be too large is published without its
+//! data, with `data_dropped_bytes` saying how large the data was. A refused
+//! dead-letter publish would be nacked and the message would come back, fail
+//! and be refused again until Pub/Sub dead-lettered it itself; a copy without
+//! data keeps the error, the attributes and the message id, and `replay`
+//! leaves it alone (there is nothing to republish).
+
+use crate::error::Failure;
+use crate::event;
+use crate::message::Envelope;
+use std::collections::BTreeMap;
+
+/// Pub/Sub's limit on one attribute value, in bytes.
+pub const MAX_ATTRIBUTE_BYTES: usize = 1024;
+/// The largest copy published with its data: Pub/Sub's 10 MB (10,000,000
+/// bytes) message limit, less 64 KiB of headroom for the publish request's
+/// own framing.
+pub const MAX_COPY_BYTES: usize = 10_000_000 - 64 * 1024;
+/// Set on a copy published without its data: the data's size in bytes.
+pub const DATA_DROPPED_BYTES: &str = "data_dropped_bytes";
+
+/// A dead-letter copy, ready to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copy {
+    /// The original data, or nothing when the copy would be too large.
+    pub data: Vec<u8>,
+    /// The original attributes plus `error_kind`, `error`, `original_message_id`
+    /// and `original_publish_time` (and `data_dropped_bytes` without the data).
+    pub attributes: Vec<(String, String)>,
+}
+
+/// The copy of `envelope` that records `failure`.
+///
+/// A message that was already replayed keeps its first `original_message_id`
+/// and `original_publish_time`, so its identity never changes.
+pub fn copy(envelope: &Envelope, failure: &Failure) -> Copy {
+    let mut attributes: BTreeMap<String, String> = envelope
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    attributes.insert("error_kind".into(), failure.kind().as_str().into());
+    attributes.insert("error".into(), truncate(failure.message(), MAX_ATTRIBUTE_BYTES));
+    attributes
+        .entry("original_message_id".into())
+        .or_insert_with(|| envelope.message_id.clone());
+    if let Some(published) = envelope.publish_time {
+        attributes
+            .entry("original_publish_time".into())
+            .or_insert_with(|| event::format_timestamp(published));
+    }
+    let attribute_bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let data = if envelope.data.len() + attribute_bytes > MAX_COPY_BYTES {
+        attributes.insert(DATA_DROPPED_BYTES.into(), envelope.data.len().to_string());
+        Vec::new()
+    } else {
+        envelope.data.to_vec()
+    };
+    Copy {
+        data,
+        attributes: attributes.into_iter().collect(),
+    }
+}
+
+/// `text` if it fits `max_bytes`, otherwise its longest prefix that ends at a
+/// character boundary and fits with a trailing `…`.
+pub fn truncate(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_string();
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = max_bytes.saturating_sub(ELLIPSIS.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ELLIPSIS}", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn attributes(copy: &Copy) -> BTreeMap<String, String> {
+        copy.attributes.iter().cloned().collect()
+    }
+
+    #[test]
+    fn a_copy_keeps_the_original_and_adds_the_error() {
+        let mut envelope = Envelope {
+            message_id: "42".into(),
+            publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
+            data: bytes::Bytes::from_static(b"{}"),
+            ..Envelope::default()
+        };
+        envelope.attributes.insert("idempotency_key".into(), "k".into());
+        let failure = Failure::new(
+            ErrorKind::BadContent,
+            "audio: /x.mp3 is not a recognised audio format",
+        );
+        let first = copy(&envelope, &failure);
+        assert_eq!(first.data, b"{}");
+        let attributes = attributes(&first);
+        assert_eq!(attributes["idempotency_key"], "k");
+        assert_eq!(attributes["error_kind"], "bad_content");
+        assert_eq!(attributes["original_message_id"], "42");
+        assert_eq!(attributes["original_publish_time"], "1970-01-01T00:00:00.000Z");
+        assert!(!attributes.contains_key(DATA_DROPPED_BYTES));
+
+        envelope.message_id = "43".into();
+        envelope.attributes = attributes.into_iter().collect();
+        let again = copy(&envelope, &failure);
+        assert_eq!(
+            super::tests::attributes(&again)["original_message_id"],
+            "42",
+            "a replayed message keeps its first id"
+        );
+    }
+
+    #[test]
+    fn a_long_error_is_cut_at_a_character_boundary_to_fit_an_attribute() {
+        // 500 characters of three bytes each: 1,500 bytes.
+        let failure = Failure::new(ErrorKind::SourceMissing, "音".repeat(500));
+        assert!(failure.message().len() > MAX_ATTRIBUTE_BYTES);
+        let error = attributes(&copy(&Envelope::default(), &failure))["error"].clone();
+        assert!(error.len() <= MAX_ATTRIBUTE_BYTES, "{} bytes", error.len());
+        assert!(error.len() > MAX_ATTRIBUTE_BYTES - 4, "as much as fits");
+        assert!(error.ends_with('…') && error.trim_end_matches('…').chars().all(|c| c == '音'));
+        assert_eq!(truncate("short", MAX_ATTRIBUTE_BYTES), "short");
+    }
+
+    #[test]
+    fn every_added_attribute_fits() {
+        let envelope = Envelope {
+            message_id: "1".repeat(64),
+            publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
+            ..Envelope::default()
+        };
+        let failure = Failure::new(ErrorKind::InvalidJson, "é".repeat(5_000));
+        for (key, value) in copy(&envelope, &failure).attributes {
+            assert!(value.len() <= MAX_ATTRIBUTE_BYTES, "{key}: {} bytes", value.len());
+        }
+    }
+
+    #[test]
+    fn a_copy_over_the_message_limit_goes_without_its_data() {
+        let envelope = Envelope {
+            message_id: "7".into(),
+            data: bytes::Bytes::from(vec![b'x'; MAX_COPY_BYTES]),
+            ..Envelope::default()
+        };
+        let failure = Failure::new(ErrorKind::InvalidJson, "data is not valid JSON");
+        let copy = copy(&envelope, &failure);
+        assert!(copy.data.is_empty());
+        let attributes = attributes(&copy);
+        assert_eq!(attributes[DATA_DROPPED_BYTES], MAX_COPY_BYTES.to_string());
+        assert_eq!(attributes["error_kind"], "invalid_json");
+    }
+}

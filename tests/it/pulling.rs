@@ -1,0 +1,216 @@
+//! The pull loop and readiness under real conditions: a worker left idle,
+//! Pub/Sub unreachable at start and mid-run, and signals during start-up.
+
+use crate::harness::{TestEnv, sample_wav, wait_for};
+use crate::support::{Process, Worker, audio_id_for, event_strings, events_for_all, settings};
+use crate::tcp_proxy::TcpProxy;
+use anyhow::{Context as _, ensure};
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often the emulator logged a client's RST_STREAM.
+fn stream_resets(log: &Path) -> anyhow::Result<usize> {
+    Ok(std::fs::read_to_string(log)?.matches("onRstStreamRead").count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_idle_for_15_s_keeps_its_stream_and_stores_a_message_published_then() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let emulator_log = env
+        .pubsub_log()
+        .context("the environment has an emulator of its own")?;
+    let worker = Worker::start(settings(&env, &[])?);
+    wait_for("the worker to be ready", TIMEOUT, || async {
+        Ok(worker.health.is_ready().then_some(()))
+    })
+    .await?;
+    let resets = stream_resets(&emulator_log)?;
+    // The scenario itself, not a wait for a condition: 15 s without a message.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    ensure!(
+        stream_resets(&emulator_log)? == resets,
+        "the emulator saw the worker reset its stream while idle ({})",
+        emulator_log.display()
+    );
+
+    let audio = env.spool_file("late.wav", &sample_wav(2_000));
+    env.pubsub
+        .publish_json(&env.topic, &json!({"audio": audio, "id": "late"}), &[])
+        .await?;
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, Duration::from_secs(20))
+        .await?;
+    assert_eq!(event_strings(&events, "/audio_id")?, [audio_id_for("late")]);
+    assert_eq!(worker.health.metrics.pull_reconnects(), 0);
+    worker.stop().await?;
+    Ok(())
+}
+
+/// Waits until `/readyz` answers `status`; returns the body.
+async fn readyz(worker: &Process, status: u16, within: Duration) -> anyhow::Result<String> {
+    wait_for(&format!("/readyz {status}"), within, || async {
+        Ok(worker
+            .readyz()
+            .await?
+            .filter(|(answered, _)| *answered == status)
+            .map(|(_, body)| body))
+    })
+    .await
+}
+
+/// The WARN lines that say the subscription check fails.
+fn subscription_warnings(worker: &Process) -> anyhow::Result<Vec<String>> {
+    Ok(worker
+        .log()?
+        .into_iter()
+        .filter(|line| line["level"] == "WARN" && line["check"] == "subscription")
+        .filter_map(|line| line["reason"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// Waits until every message of `names` has a stored event; repeats are fine
+/// (at least once). The emulator keeps messages leased to a stream whose
+/// connection was cut, where Pub/Sub would redeliver them after the ack
+/// deadline; [`events_for_all`] releases those leases now and then.
+async fn wait_stored(env: &TestEnv, names: &[&str], within: Duration) -> anyhow::Result<()> {
+    let expected: BTreeSet<String> = names.iter().map(|name| audio_id_for(name)).collect();
+    events_for_all(env, &expected, within).await.map(drop)
+}
+
+/// The worker's last log lines, for a failure message.
+fn log_tail(worker: &Process) -> String {
+    let lines = worker.log().unwrap_or_default();
+    let tail: Vec<String> = lines
+        .iter()
+        .rev()
+        .take(30)
+        .rev()
+        .map(|line| line.to_string())
+        .collect();
+    format!("the worker's log ends with:\n{}", tail.join("\n"))
+}
+
+async fn publish_tracks(env: &TestEnv, names: &[&str]) -> anyhow::Result<()> {
+    for name in names {
+        let audio = env.spool_file(&format!("{name}.wav"), &sample_wav(2_000));
+        env.pubsub
+            .publish_json(&env.topic, &json!({"audio": audio, "id": name}), &[])
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pubsub_unreachable_at_start_and_for_30_s_mid_run_readiness_says_why_and_nothing_is_lost()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let proxy = TcpProxy::start(&env.pubsub_endpoint, false)?;
+    let host = proxy.host();
+    let mut worker = Process::spawn(&env, &[("PUBSUB_EMULATOR_HOST", &host)])?;
+
+    // Unreachable from the start: never ready, and the log says why.
+    let body = readyz(&worker, 503, TIMEOUT).await?;
+    let body = wait_for("/readyz to name the subscription", TIMEOUT, || async {
+        Ok(worker
+            .readyz()
+            .await?
+            .map(|(_, body)| body)
+            .filter(|body| body.contains("subscription: probe")))
+    })
+    .await
+    .with_context(|| format!("last body: {body}"))?;
+    ensure!(body.contains(&env.subscription), "{body}");
+    ensure!(
+        !subscription_warnings(&worker)?.is_empty(),
+        "a WARN line with the reason"
+    );
+    publish_tracks(&env, &["early-1", "early-2"]).await?;
+
+    proxy.restore();
+    readyz(&worker, 200, TIMEOUT).await?;
+    // The SDK reopens the pull itself, after up to a minute of its own backoff.
+    wait_stored(&env, &["early-1", "early-2"], Duration::from_secs(90))
+        .await
+        .with_context(|| log_tail(&worker))?;
+
+    // Mid-run: a 30 s outage.
+    let warned = subscription_warnings(&worker)?.len();
+    let cut_at = tokio::time::Instant::now();
+    proxy.cut();
+    let body = readyz(&worker, 503, Duration::from_secs(15)).await?;
+    ensure!(body.contains("subscription:"), "{body}");
+    ensure!(
+        subscription_warnings(&worker)?.len() > warned,
+        "a new WARN line with the reason"
+    );
+    publish_tracks(&env, &["late-1", "late-2"]).await?;
+    // The scenario's outage lasts 30 s.
+    tokio::time::sleep_until(cut_at + Duration::from_secs(30)).await;
+    proxy.restore();
+    readyz(&worker, 200, TIMEOUT).await?;
+    wait_stored(&env, &["late-1", "late-2"], Duration::from_secs(90))
+        .await
+        .with_context(|| log_tail(&worker))?;
+
+    worker.signal("-TERM").await?;
+    assert_eq!(worker.exit_code(TIMEOUT).await?, Some(0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_before_the_first_bucket_check_finishes_exits_0() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    // Storage that accepts connections and never answers: the bucket check hangs.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let storage = format!("http://{}", silent.local_addr()?);
+    let mut worker = Process::spawn(
+        &env,
+        &[
+            ("STORAGE_EMULATOR_HOST", &storage),
+            ("AUDIO_STORE__STORAGE__ENDPOINT", &storage),
+        ],
+    )?;
+    wait_for(
+        "/readyz to say the archive is not checked yet",
+        TIMEOUT,
+        || async {
+            Ok(worker
+                .readyz()
+                .await?
+                .filter(|(status, body)| *status == 503 && body.contains("archive: not checked yet")))
+        },
+    )
+    .await?;
+    worker.signal("-TERM").await?;
+    assert_eq!(worker.exit_code(TIMEOUT).await?, Some(0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_shuts_the_worker_down_gracefully_with_exit_0() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let mut worker = Process::spawn(&env, &[])?;
+    readyz(&worker, 200, TIMEOUT).await?;
+    worker.signal("-HUP").await?;
+    assert_eq!(worker.exit_code(TIMEOUT).await?, Some(0));
+    let log = worker.log()?;
+    ensure!(
+        log.iter()
+            .any(|line| line["message"] == "shutdown requested" && line["signal"] == "SIGHUP"),
+        "the log names the signal"
+    );
+    ensure!(
+        log.iter().any(|line| line["message"] == "worker stopped"),
+        "the worker drained and stopped"
+    );
+    Ok(())
+}
