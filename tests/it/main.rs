@@ -7,6 +7,7 @@ mod failures;
 mod faults;
 #[allow(dead_code)] // A toolkit: later tests (faults, restarts) use the rest.
 mod harness;
+mod media;
 mod operations;
 mod proxy;
 mod pulling;

@@ -1,0 +1,328 @@
+//! Media through the worker: real encodings (tests/fixtures/media, made by
+//! scripts/make-media-fixtures with ffmpeg) are stored with what ffprobe
+//! says of them in the event's `media` and in the objects' metadata; what is
+//! not playable audio or a usable image is dead-lettered `bad_content` with a
+//! reason, nothing uploaded and nothing deleted. Names never matter: every
+//! file goes into the spool under a name that says nothing of its content.
+
+use crate::harness::{TestEnv, crc32c_base64};
+use crate::support::{Worker, event_json, settings};
+use anyhow::{Context as _, ensure};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/media")
+}
+
+/// One line of manifest.tsv: what ffprobe said of a good fixture.
+struct Expected {
+    name: String,
+    kind: String,
+    codec: String,
+    sample_rate: String,
+    channels: String,
+    duration_ms: Option<f64>,
+    width: String,
+    height: String,
+}
+
+fn manifest() -> anyhow::Result<Vec<Expected>> {
+    let text = std::fs::read_to_string(fixtures().join("manifest.tsv"))?;
+    text.lines()
+        .skip(1)
+        .map(|line| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            ensure!(fields.len() == 9, "manifest line {line:?}");
+            Ok(Expected {
+                name: fields[0].into(),
+                kind: fields[1].into(),
+                codec: fields[3].into(),
+                sample_rate: fields[4].into(),
+                channels: fields[5].into(),
+                duration_ms: fields[6].parse().ok(),
+                width: fields[7].into(),
+                height: fields[8].into(),
+            })
+        })
+        .collect()
+}
+
+/// The canonical extension a good fixture must be stored under.
+fn canonical_extension(name: &str) -> &'static str {
+    match name.rsplit('.').next().unwrap_or_default() {
+        "wav" => ".wav",
+        "aiff" => ".aiff",
+        "flac" => ".flac",
+        "mp3" => ".mp3",
+        "ogg" => ".ogg",
+        "opus" => ".opus",
+        "m4a" => ".m4a",
+        "jpg" => ".jpg",
+        "png" => ".png",
+        "webp" => ".webp",
+        other => panic!("no canonical extension for {other}"),
+    }
+}
+
+fn check_media(expected: &Expected, described: &serde_json::Value) -> anyhow::Result<()> {
+    let media = &described["media"];
+    let name = &expected.name;
+    ensure!(
+        described["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with(canonical_extension(name))),
+        "{name}: stored as {}",
+        described["name"]
+    );
+    if expected.kind == "image" {
+        assert_eq!(media["width"].to_string(), expected.width, "{name}: {media}");
+        assert_eq!(media["height"].to_string(), expected.height, "{name}: {media}");
+        return Ok(());
+    }
+    assert_eq!(
+        media["sample_rate"].to_string(),
+        expected.sample_rate,
+        "{name}: {media}"
+    );
+    assert_eq!(
+        media["channels"].to_string(),
+        expected.channels,
+        "{name}: {media}"
+    );
+    assert_eq!(media["codec"], expected.codec.as_str(), "{name}: {media}");
+    let want = expected.duration_ms.context("ffprobe's duration")?;
+    let got = media["duration_ms"]
+        .as_f64()
+        .with_context(|| format!("{name}: no duration_ms in {media}"))?;
+    ensure!(
+        (got - want).abs() <= (want * 0.02).max(80.0),
+        "{name}: duration {got} ms, ffprobe says {want} ms"
+    );
+    let estimated = name == "mp3-cbr-bare.mp3" || name == "mp3-leading-junk.mp3";
+    assert_eq!(
+        media["duration_estimated"].as_bool().unwrap_or(false),
+        estimated,
+        "{name}: {media}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_real_encoding_is_stored_with_what_ffprobe_says_of_it_local_or_staged() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let expected = manifest()?;
+    let audio_fill = std::fs::read(fixtures().join("wav-16bit.wav"))?;
+    let image_fill = std::fs::read(fixtures().join("png.png"))?;
+    let staged = [
+        "m4a-moov-last.m4a",
+        "flac-24bit.flac",
+        "mp3-id3v2.mp3",
+        "opus.opus",
+        "webp-lossy.webp",
+    ];
+    let mut published = BTreeMap::new();
+    for (index, fixture) in expected.iter().enumerate() {
+        let bytes = std::fs::read(fixtures().join(&fixture.name))?;
+        let source = if staged.contains(&fixture.name.as_str()) {
+            let object = format!("incoming/{index}");
+            env.gcs.upload(&env.staging_bucket, &object, &bytes).await?;
+            format!("gs://{}/{object}", env.staging_bucket)
+        } else {
+            env.spool_file(&format!("file-{index}"), &bytes)
+                .display()
+                .to_string()
+        };
+        let (audio, thumbnail) = if fixture.kind == "image" {
+            let audio = env.spool_file(&format!("fill-{index}"), &audio_fill);
+            (audio.display().to_string(), source)
+        } else {
+            let cover = env.spool_file(&format!("fill-{index}"), &image_fill);
+            (source, cover.display().to_string())
+        };
+        let id = format!("media-{index}");
+        env.pubsub
+            .publish_json(
+                &env.topic,
+                &json!({"audio": audio, "thumbnail": thumbnail, "id": id}),
+                &[],
+            )
+            .await?;
+        published.insert(crate::support::audio_id_for(&id), fixture);
+    }
+    let worker = Worker::start(settings(&env, &[("AUDIO_STORE__WORKER__CONCURRENCY", "8")])?);
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, expected.len(), TIMEOUT)
+        .await?;
+    let dead = env
+        .pubsub
+        .drain_for(&env.dead_letter_subscription, Duration::from_secs(1))
+        .await?;
+    worker.stop().await?;
+    ensure!(
+        dead.is_empty(),
+        "dead-lettered: {:?}",
+        dead.iter().map(|m| m.attribute("error")).collect::<Vec<_>>()
+    );
+    ensure!(
+        events.len() == expected.len(),
+        "{} of {} stored",
+        events.len(),
+        expected.len()
+    );
+    for event in &events {
+        let event = event_json(event)?;
+        let audio_id = event["audio_id"].as_str().context("audio_id")?;
+        let fixture = published.get(audio_id).context("an event of ours")?;
+        let field = if fixture.kind == "image" {
+            "thumbnail"
+        } else {
+            "audio"
+        };
+        check_media(fixture, &event[field])?;
+        let name = event[field]["name"].as_str().context("name")?;
+        let object = env.gcs.object(&env.bucket, name).await?.context("stored")?;
+        let bytes = std::fs::read(fixtures().join(&fixture.name))?;
+        assert_eq!(object.crc32c, crc32c_base64(&bytes), "{}", fixture.name);
+        let technical = if fixture.kind == "image" {
+            vec!["width", "height"]
+        } else {
+            vec!["codec", "sample-rate", "channels", "duration-ms"]
+        };
+        for key in technical {
+            let stored = object
+                .metadata
+                .get(key)
+                .with_context(|| format!("{}: {key}", fixture.name))?;
+            let told = event[field]["media"][key.replace('-', "_")].to_string();
+            assert_eq!(
+                stored.trim_matches('"'),
+                told.trim_matches('"'),
+                "{}: {key}",
+                fixture.name
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_not_playable_audio_or_a_usable_image_is_dead_lettered_with_a_reason_and_nothing_moves()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let good_audio = std::fs::read(fixtures().join("wav-16bit.wav"))?;
+    let good_image = std::fs::read(fixtures().join("png.png"))?;
+    let mut cases = Vec::new();
+    for entry in std::fs::read_dir(fixtures().join("bad"))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("name")?
+            .to_string();
+        let bytes = std::fs::read(&path)?;
+        let image = name.ends_with(".png") || name.ends_with(".jpg") || name.ends_with(".webp");
+        // Under its own name (the extension promises the format), locally and staged.
+        let local = env.spool_file(&format!("bad/{name}"), &bytes);
+        let staged = format!("bad/{name}");
+        env.gcs.upload(&env.staging_bucket, &staged, &bytes).await?;
+        for source in [
+            local.display().to_string(),
+            format!("gs://{}/{staged}", env.staging_bucket),
+        ] {
+            let fill = env.spool_file(
+                &format!("fill-{}", cases.len()),
+                if image { &good_audio } else { &good_image },
+            );
+            let fill = fill.display().to_string();
+            let (audio, thumbnail) = if image {
+                (fill.clone(), source.clone())
+            } else {
+                (source.clone(), fill.clone())
+            };
+            let case = format!(
+                "{name} as {}",
+                if source.starts_with("gs://") {
+                    "staged"
+                } else {
+                    "local"
+                }
+            );
+            env.pubsub
+                .publish_json(
+                    &env.topic,
+                    &json!({"audio": audio, "thumbnail": thumbnail}),
+                    &[("case", &case)],
+                )
+                .await?;
+            cases.push((case, source, fill));
+        }
+    }
+    let worker = Worker::start(settings(&env, &[("AUDIO_STORE__WORKER__CONCURRENCY", "8")])?);
+    let dead = env
+        .pubsub
+        .collect(&env.dead_letter_subscription, cases.len(), TIMEOUT)
+        .await?;
+    let stored = env
+        .pubsub
+        .drain_for(&env.stored_subscription, Duration::from_secs(1))
+        .await?;
+    worker.stop().await?;
+    ensure!(
+        stored.is_empty(),
+        "stored: {:?}",
+        stored.iter().map(|e| e.json().ok()).collect::<Vec<_>>()
+    );
+    let mut reasons = BTreeMap::new();
+    for message in &dead {
+        let case = message.attribute("case").context("case")?.to_string();
+        assert_eq!(
+            message.attribute("error_kind"),
+            Some("bad_content"),
+            "{case}: {message:?}"
+        );
+        reasons.insert(case, message.attribute("error").unwrap_or_default().to_string());
+    }
+    assert_eq!(reasons.len(), cases.len(), "{reasons:#?}");
+    for (case, reason) in &reasons {
+        ensure!(
+            reason.contains(" is ") || reason.contains(" has ") || reason.contains(" does"),
+            "{case}: {reason}"
+        );
+    }
+    for truncated in ["wav-half.wav as local", "flac-half.flac as staged"] {
+        ensure!(
+            reasons[truncated].contains("truncated"),
+            "{truncated}: {}",
+            reasons[truncated]
+        );
+    }
+    ensure!(
+        reasons["wav-half.wav as local"].contains("promises 44100 bytes"),
+        "both lengths: {}",
+        reasons["wav-half.wav as local"]
+    );
+    assert!(
+        env.gcs.list(&env.bucket, "").await?.is_empty(),
+        "nothing uploaded"
+    );
+    for (case, source, fill) in &cases {
+        if let Some(object) = source.strip_prefix(&format!("gs://{}/", env.staging_bucket)) {
+            ensure!(
+                env.gcs.object(&env.staging_bucket, object).await?.is_some(),
+                "{case}: staging source kept"
+            );
+        } else {
+            ensure!(Path::new(source).exists(), "{case}: source kept");
+        }
+        ensure!(Path::new(fill).exists(), "{case}: the other file kept");
+    }
+    Ok(())
+}
