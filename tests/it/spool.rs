@@ -383,3 +383,48 @@ async fn source_uri_metadata_is_an_encoded_file_uri_and_the_event_echoes_the_sou
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_cut_short_while_it_streams_leaves_no_corrupt_object_and_is_kept() -> anyhow::Result<()> {
+    let gcs = FakeGcs::start_memory()?;
+    let proxy = FaultProxy::start(&gcs.endpoint())?;
+    let env = TestEnv::with_gcs(&gcs.endpoint());
+    env.create_resources().await?;
+    let (worker, _) = worker_behind_a_proxy(&env, &proxy).await?;
+    let path = env.spool_path("cut.wav");
+    crate::harness::write_large_wav(&path, 12 * 1024 * 1024, 5)?;
+    proxy.set_upload_rate(Some(2 * 1024 * 1024));
+    let sent_before = proxy.stats().bytes_up;
+    env.pubsub
+        .publish_json(&env.topic, &json!({"audio": path, "id": "cut-short"}), &[])
+        .await?;
+    wait_for("the upload under way", TIMEOUT, || async {
+        Ok((proxy.stats().bytes_up > sent_before + 1024 * 1024).then_some(()))
+    })
+    .await?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)?
+        .set_len(10_000)?;
+    let dead = env
+        .pubsub
+        .collect(&env.dead_letter_subscription, 1, TIMEOUT)
+        .await?;
+    proxy.clear_faults();
+    worker.stop().await?;
+    ensure!(dead.len() == 1, "dead-lettered");
+    assert_eq!(dead[0].attribute("error_kind"), Some("bad_content"), "{dead:?}");
+    ensure!(
+        dead[0]
+            .attribute("error")
+            .is_some_and(|error| error.contains("truncated")),
+        "{dead:?}"
+    );
+    let objects = env.gcs.list(&env.bucket, "").await?;
+    ensure!(
+        objects.is_empty(),
+        "no object of other bytes than the file's is left: {objects:?}"
+    );
+    assert_eq!(std::fs::metadata(&path)?.len(), 10_000, "the source is kept");
+    Ok(())
+}
