@@ -714,6 +714,28 @@ mod tests {
     }
 
     #[test]
+    fn opus_whose_audio_pages_fail_their_checksums_has_no_frames() {
+        let mut opus = std::fs::read(fixtures().join("opus.opus")).expect("fixture");
+        // The third Ogg page on holds the audio; flip a byte in each of them.
+        let pages: Vec<usize> = opus
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| w == b"OggS")
+            .map(|(at, _)| at)
+            .collect();
+        assert!(pages.len() >= 3, "{pages:?}");
+        for at in &pages[2..] {
+            opus[at + 30] ^= 0xff;
+        }
+        let size = opus.len() as u64;
+        let error = probe_audio(std::io::Cursor::new(opus), size).expect_err("corrupt pages");
+        assert!(
+            error.0.contains("no audio frames") || error.0.contains("crc mismatch"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn every_bad_fixture_is_rejected_with_a_reason() {
         let mut accepted = Vec::new();
         for entry in std::fs::read_dir(fixtures().join("bad")).expect("bad fixtures") {
