@@ -115,6 +115,9 @@ pub struct RawStorage {
     pub staging_buckets: Vec<String>,
     /// API endpoint, e.g. `http://127.0.0.2`; empty means Google's, or `STORAGE_EMULATOR_HOST`.
     pub endpoint: String,
+    /// Storage class of every object written (`STANDARD`, `NEARLINE`, `COLDLINE`, `ARCHIVE`); empty: the bucket's default.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub storage_class: String,
 }
 
 impl Default for RawStorage {
@@ -124,9 +127,13 @@ impl Default for RawStorage {
             layout: crate::layout::DEFAULT_LAYOUT.into(),
             staging_buckets: Vec::new(),
             endpoint: String::new(),
+            storage_class: String::new(),
         }
     }
 }
+
+/// The storage classes an object can be written in.
+pub const STORAGE_CLASSES: [&str; 4] = ["STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE"];
 
 /// `[sources]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -246,6 +253,7 @@ const KEYS: &[(&str, &str, KeyKind)] = &[
     ("storage", "layout", KeyKind::Text),
     ("storage", "staging_buckets", KeyKind::List),
     ("storage", "endpoint", KeyKind::Text),
+    ("storage", "storage_class", KeyKind::Text),
     ("sources", "local_roots", KeyKind::List),
     ("worker", "concurrency", KeyKind::Integer),
     ("worker", "shutdown_grace", KeyKind::Text),
@@ -377,6 +385,8 @@ pub struct StorageSettings {
     pub staging_buckets: Vec<String>,
     /// Where to reach Cloud Storage.
     pub endpoint: Endpoint,
+    /// The storage class of every object written; `None`: the bucket's default.
+    pub storage_class: Option<&'static str>,
 }
 
 /// Validated `[sources]`.
@@ -573,9 +583,24 @@ impl Settings {
         }
         let layout = Layout::parse(&raw.storage.layout)
             .map_err(|error| ConfigError::new("storage.layout", error.to_string()))?;
+        let storage_class = match optional(&raw.storage.storage_class) {
+            None => None,
+            Some(class) => Some(
+                STORAGE_CLASSES
+                    .into_iter()
+                    .find(|known| *known == class)
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "storage.storage_class",
+                            format!("expected one of {}, got {class:?}", STORAGE_CLASSES.join(", ")),
+                        )
+                    })?,
+            ),
+        };
         let storage = StorageSettings {
             bucket,
             layout,
+            storage_class,
             staging_buckets: raw.storage.staging_buckets.clone(),
             endpoint: Endpoint::parse(
                 "storage.endpoint",
@@ -688,6 +713,7 @@ impl Settings {
                 layout: self.storage.layout.template().to_string(),
                 staging_buckets: self.storage.staging_buckets.clone(),
                 endpoint: self.storage.endpoint.redacted(),
+                storage_class: self.storage.storage_class.unwrap_or_default().to_string(),
             },
             sources: RawSources {
                 local_roots: self
@@ -1258,6 +1284,7 @@ mod tests {
                 (_, _, KeyKind::List) => "/tmp",
                 ("pubsub", "endpoint", _) | ("storage", "endpoint", _) => "http://127.0.0.1:1",
                 ("storage", "layout", _) => "x/{audio_id}/{kind}{ext}",
+                ("storage", "storage_class", _) => "NEARLINE",
                 ("http", "listen", _) => "127.0.0.1:9",
                 ("log", "format", _) => "pretty",
                 ("log", "level", _) => "debug",
@@ -1272,7 +1299,36 @@ mod tests {
         assert_eq!(settings.pubsub.max_delivery_attempts, 7);
         assert_eq!(settings.log.format, LogFormat::Pretty);
         assert_eq!(settings.storage.layout.template(), "x/{audio_id}/{kind}{ext}");
+        assert_eq!(settings.storage.storage_class, Some("NEARLINE"));
         Ok(())
+    }
+
+    #[test]
+    fn a_storage_class_must_be_one_gcs_knows() {
+        let error = Settings::load(
+            None,
+            &with(minimal(), "AUDIO_STORE__STORAGE__STORAGE_CLASS", "nearline"),
+        )
+        .expect_err("lowercase is not a storage class");
+        assert!(
+            error
+                .to_string()
+                .starts_with("storage.storage_class: expected one of STANDARD"),
+            "{error}"
+        );
+        let error = Settings::load(
+            None,
+            &with(
+                minimal(),
+                "AUDIO_STORE__STORAGE__LAYOUT",
+                "{audio_id}/{kind}/{meta.a b}",
+            ),
+        )
+        .expect_err("a meta key with a space");
+        assert!(
+            error.to_string().starts_with("storage.layout: {meta.a b}"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct StoredObject {
     pub generation: String,
     /// What the probe found in the file.
     pub media: EventMedia,
+    /// The object's storage class, reported when `storage.storage_class` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
 }
 
 /// The `media` object of a stored object: audio or image fields, each absent
@@ -170,6 +173,7 @@ mod tests {
                 width: 1,
                 height: 2,
             },
+            storage_class: None,
         };
         let event = StoredEvent {
             audio_id: "id".into(),
@@ -186,6 +190,7 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&event.to_json())?;
         assert_eq!(json["thumbnail"], serde_json::Value::Null);
         assert!(json["audio"].get("md5").is_none());
+        assert!(json["audio"].get("storage_class").is_none());
         assert_eq!(json["audio"]["generation"], "1");
         assert_eq!(
             json["audio"]["media"],

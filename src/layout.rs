@@ -1,7 +1,11 @@
 //! Object names: the `storage.layout` template, parsed once at start-up.
 
 use crate::identity::AudioId;
+use std::collections::BTreeMap;
 use std::fmt;
+
+/// Longest value a `{meta.KEY}` placeholder takes, in bytes.
+pub const MAX_META_VALUE_BYTES: usize = 128;
 
 /// The layout users get when they configure none.
 pub const DEFAULT_LAYOUT: &str = "audio/{audio_id}/{kind}{ext}";
@@ -58,8 +62,13 @@ impl Date {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LayoutError {
     /// A `{name}` that is not one of the placeholders.
-    #[error("unknown placeholder {{{0}}} (known: {{audio_id}} {{kind}} {{ext}} {{yyyy}} {{mm}} {{dd}})")]
+    #[error(
+        "unknown placeholder {{{0}}} (known: {{audio_id}} {{kind}} {{ext}} {{yyyy}} {{mm}} {{dd}} {{meta.KEY}})"
+    )]
     UnknownPlaceholder(String),
+    /// A `{meta.KEY}` whose KEY cannot be a metadata key.
+    #[error("{{meta.{0}}}: KEY must be 1-128 bytes without control characters, whitespace or braces")]
+    InvalidMetaKey(String),
     /// A `{` without `}` or a stray `}`.
     #[error("unbalanced braces in {0:?}")]
     Unbalanced(String),
@@ -80,6 +89,17 @@ enum Segment {
     Year,
     Month,
     Day,
+    Meta(String),
+}
+
+/// Why a message's metadata cannot fill the layout's `{meta.KEY}` placeholders.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("metadata.{key} {problem} (storage.layout uses {{meta.{key}}})")]
+pub struct MetaValueError {
+    /// The metadata key.
+    pub key: String,
+    /// What is wrong with its value.
+    pub problem: &'static str,
 }
 
 /// A parsed object-name template.
@@ -119,7 +139,11 @@ impl Layout {
                         "yyyy" => Segment::Year,
                         "mm" => Segment::Month,
                         "dd" => Segment::Day,
-                        other => return Err(LayoutError::UnknownPlaceholder(other.to_string())),
+                        other => match other.strip_prefix("meta.") {
+                            Some(key) if is_meta_key(key) => Segment::Meta(key.to_string()),
+                            Some(key) => return Err(LayoutError::InvalidMetaKey(key.to_string())),
+                            None => return Err(LayoutError::UnknownPlaceholder(other.to_string())),
+                        },
                     });
                     rest = &after[close + 1..];
                 }
@@ -158,8 +182,49 @@ impl Layout {
         &self.template
     }
 
+    /// Checks that `metadata` has a usable value for every `{meta.KEY}`: present,
+    /// not empty, at most [`MAX_META_VALUE_BYTES`], no `/` or control
+    /// character, not `.` or `..`.
+    pub fn check_metadata(&self, metadata: &BTreeMap<String, String>) -> Result<(), MetaValueError> {
+        for segment in &self.segments {
+            let Segment::Meta(key) = segment else { continue };
+            let problem = match metadata.get(key).map(String::as_str) {
+                None => Some("is missing"),
+                Some("") => Some("is empty"),
+                Some(value) if value.len() > MAX_META_VALUE_BYTES => Some("is longer than 128 bytes"),
+                Some(value) if value.contains('/') => Some("contains '/'"),
+                Some(value) if value.chars().any(char::is_control) => Some("contains a control character"),
+                Some("." | "..") => Some("is '.' or '..'"),
+                Some(_) => None,
+            };
+            if let Some(problem) = problem {
+                return Err(MetaValueError {
+                    key: key.clone(),
+                    problem,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The metadata keys the layout uses (`{meta.KEY}`), in order.
+    pub fn meta_keys(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|segment| match segment {
+            Segment::Meta(key) => Some(key.as_str()),
+            _ => None,
+        })
+    }
+
     /// The object name for one file of a message; `extension` includes its dot (or is empty).
-    pub fn render(&self, audio_id: AudioId, kind: Kind, extension: &str, date: Date) -> String {
+    pub fn render(
+        &self,
+        audio_id: AudioId,
+        kind: Kind,
+        extension: &str,
+        date: Date,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<String, MetaValueError> {
+        self.check_metadata(metadata)?;
         let mut name = String::with_capacity(self.template.len() + 48);
         for segment in &self.segments {
             match segment {
@@ -170,22 +235,30 @@ impl Layout {
                 Segment::Year => name.push_str(&format!("{:04}", date.year)),
                 Segment::Month => name.push_str(&format!("{:02}", date.month)),
                 Segment::Day => name.push_str(&format!("{:02}", date.day)),
+                Segment::Meta(key) => name.push_str(metadata.get(key).map_or("", String::as_str)),
             }
         }
-        name
+        Ok(name)
     }
 
     fn check_names(&self) -> Result<(), LayoutError> {
-        let sample = self.render(
-            AudioId::from_key(crate::identity::IdentityKey::MessageId("sample")),
-            Kind::Thumbnail,
-            ".webp",
-            Date {
-                year: 2026,
-                month: 12,
-                day: 31,
-            },
-        );
+        let sample_metadata = self
+            .meta_keys()
+            .map(|key| (key.to_string(), "sample".to_string()))
+            .collect();
+        let sample = self
+            .render(
+                AudioId::from_key(crate::identity::IdentityKey::MessageId("sample")),
+                Kind::Thumbnail,
+                ".webp",
+                Date {
+                    year: 2026,
+                    month: 12,
+                    day: 31,
+                },
+                &sample_metadata,
+            )
+            .map_err(|_| LayoutError::InvalidName("sample metadata does not fit"))?;
         if sample.starts_with('/') {
             return Err(LayoutError::InvalidName("names must not start with '/'"));
         }
@@ -211,6 +284,15 @@ impl Layout {
     }
 }
 
+/// Whether `key` can name a metadata entry in a `{meta.KEY}` placeholder.
+fn is_meta_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 128
+        && !key
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '{' || c == '}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,11 +311,15 @@ mod tests {
         let layout = Layout::parse(DEFAULT_LAYOUT)?;
         let id = AudioId::from_key(IdentityKey::Producer("track-7f3c"));
         assert_eq!(
-            layout.render(id, Kind::Audio, ".flac", date()),
+            layout
+                .render(id, Kind::Audio, ".flac", date(), &BTreeMap::new())
+                .expect("no metadata needed"),
             format!("audio/{id}/audio.flac")
         );
         assert_eq!(
-            layout.render(id, Kind::Thumbnail, ".jpg", date()),
+            layout
+                .render(id, Kind::Thumbnail, ".jpg", date(), &BTreeMap::new())
+                .expect("no metadata needed"),
             format!("audio/{id}/thumbnail.jpg")
         );
         Ok(())
@@ -244,10 +330,68 @@ mod tests {
         let layout = Layout::parse("{yyyy}/{mm}/{dd}/{audio_id}-{kind}{ext}")?;
         let id = AudioId::from_key(IdentityKey::MessageId("42"));
         assert_eq!(
-            layout.render(id, Kind::Audio, "", date()),
+            layout
+                .render(id, Kind::Audio, "", date(), &BTreeMap::new())
+                .expect("no metadata needed"),
             format!("2026/03/07/{id}-audio")
         );
         Ok(())
+    }
+
+    #[test]
+    fn a_meta_placeholder_takes_the_value_of_the_message_metadata() -> Result<(), LayoutError> {
+        let layout = Layout::parse("users/{meta.user_id}/{audio_id}/{kind}{ext}")?;
+        let id = AudioId::from_key(IdentityKey::MessageId("42"));
+        let metadata = BTreeMap::from([("user_id".to_string(), "u123".to_string())]);
+        assert_eq!(
+            layout.render(id, Kind::Audio, ".wav", date(), &metadata),
+            Ok(format!("users/u123/{id}/audio.wav"))
+        );
+        assert_eq!(layout.meta_keys().collect::<Vec<_>>(), ["user_id"]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_meta_value_that_cannot_be_a_name_segment_is_refused_naming_the_key() -> Result<(), LayoutError> {
+        let layout = Layout::parse("users/{meta.user_id}/{audio_id}/{kind}{ext}")?;
+        let long = "x".repeat(129);
+        for (value, problem) in [
+            (None, "is missing"),
+            (Some(""), "is empty"),
+            (Some(long.as_str()), "is longer than 128 bytes"),
+            (Some("a/b"), "contains '/'"),
+            (Some("a\nb"), "contains a control character"),
+            (Some("."), "is '.' or '..'"),
+            (Some(".."), "is '.' or '..'"),
+        ] {
+            let metadata: BTreeMap<String, String> = value
+                .map(|v| ("user_id".to_string(), v.to_string()))
+                .into_iter()
+                .collect();
+            let error = layout.check_metadata(&metadata).expect_err(problem);
+            assert_eq!(error.problem, problem);
+            assert!(error.to_string().starts_with("metadata.user_id "), "{error}");
+        }
+        assert!(
+            layout
+                .check_metadata(&BTreeMap::from([("user_id".into(), "x".repeat(128))]))
+                .is_ok()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_meta_placeholder_needs_a_usable_key() {
+        for template in [
+            "{audio_id}/{kind}/{meta.}",
+            "{audio_id}/{kind}/{meta.a b}",
+            "{audio_id}/{kind}/{meta.a\tb}",
+        ] {
+            assert!(
+                matches!(Layout::parse(template), Err(LayoutError::InvalidMetaKey(_))),
+                "{template:?}"
+            );
+        }
     }
 
     #[test]

@@ -83,6 +83,7 @@ struct Target {
     content_type: ContentType,
     media: Media,
     metadata: BTreeMap<String, String>,
+    storage_class: Option<&'static str>,
 }
 
 impl Target {
@@ -91,6 +92,7 @@ impl Target {
             name: &self.name,
             content_type: self.content_type.mime,
             metadata: &self.metadata,
+            storage_class: self.storage_class,
         }
     }
 }
@@ -230,6 +232,12 @@ impl Pipeline {
 
     /// One attempt: both parts checked, then both stored, then the confirmed event.
     async fn store_once(&self, message: &AudioMessage) -> Result<Stored, Failure> {
+        // Names from `{meta.KEY}` need usable values: refused before anything is read or uploaded.
+        self.settings
+            .storage
+            .layout
+            .check_metadata(&message.metadata)
+            .map_err(|error| Failure::new(ErrorKind::InvalidMessage, error))?;
         // Both sources are checked (allowed, present, right content) before anything is
         // uploaded, so a bad thumbnail does not leave an orphaned audio object behind.
         let thumbnail = async {
@@ -421,10 +429,11 @@ impl Pipeline {
     ) -> Result<Target, Failure> {
         let Probed { content_type, media } = probed;
         Ok(Target {
-            name: self.object_name(message, kind, content_type),
+            name: self.object_name(message, kind, content_type)?,
             content_type,
             metadata: object_metadata(message, kind, source, &media)?,
             media,
+            storage_class: self.settings.storage.storage_class,
         })
     }
 
@@ -436,11 +445,9 @@ impl Pipeline {
     /// it is this message's.
     async fn recover(&self, message: &AudioMessage, kind: Kind, what: String) -> Result<Part, Failure> {
         let lookups = content::of_class(media_class(kind)).map(|content_type| async move {
-            let name = self.object_name(message, kind, content_type);
-            self.store
-                .archived(&name)
-                .await
-                .map(|found| found.map(|existing| (existing, content_type)))
+            let name = self.object_name(message, kind, content_type)?;
+            let found = self.store.archived(&name).await?;
+            Ok::<_, Failure>(found.map(|existing| (existing, content_type)))
         });
         let found = futures::future::try_join_all(lookups).await?;
         let ours = |existing: &ObjectInfo| {
@@ -464,7 +471,12 @@ impl Pipeline {
         let reader = self.store.reader(&existing);
         let probed = probe(kind, &object, ProbeInput::Object(Box::new(reader)), existing.size).await?;
         Ok(Part {
-            object: stored_object(existing, content_type, &probed.media),
+            object: stored_object(
+                existing,
+                content_type,
+                &probed.media,
+                self.settings.storage.storage_class,
+            ),
             written: false,
             cleanup: None,
         })
@@ -490,7 +502,7 @@ impl Pipeline {
             ));
         }
         Ok(Part {
-            object: stored_object(existing, target.content_type, &target.media),
+            object: stored_object(existing, target.content_type, &target.media, target.storage_class),
             written: false,
             cleanup,
         })
@@ -510,13 +522,23 @@ impl Pipeline {
 
     /// The object name: from the identity, the kind, the canonical extension of
     /// the content and the original publish date; never from the source's name.
-    fn object_name(&self, message: &AudioMessage, kind: Kind, content_type: ContentType) -> String {
-        self.settings.storage.layout.render(
-            message.audio_id,
-            kind,
-            &format!(".{}", content_type.extension),
-            Date::of(message.published),
-        )
+    fn object_name(
+        &self,
+        message: &AudioMessage,
+        kind: Kind,
+        content_type: ContentType,
+    ) -> Result<String, Failure> {
+        self.settings
+            .storage
+            .layout
+            .render(
+                message.audio_id,
+                kind,
+                &format!(".{}", content_type.extension),
+                Date::of(message.published),
+                &message.metadata,
+            )
+            .map_err(|error| Failure::new(ErrorKind::InvalidMessage, error))
     }
 
     /// Deletes the sources; failures are logged, never fatal (the data is safe in the archive).
@@ -759,13 +781,24 @@ fn object_metadata(
 fn created_part(metrics: &Metrics, info: ObjectInfo, target: &Target, cleanup: Option<Cleanup>) -> Part {
     metrics.uploaded(info.size);
     Part {
-        object: stored_object(info, target.content_type, &target.media),
+        object: stored_object(info, target.content_type, &target.media, target.storage_class),
         written: true,
         cleanup,
     }
 }
 
-fn stored_object(info: ObjectInfo, content_type: ContentType, media: &Media) -> StoredObject {
+/// The event's description of a stored object; `storage_class` is reported when one is configured.
+fn stored_object(
+    info: ObjectInfo,
+    content_type: ContentType,
+    media: &Media,
+    storage_class: Option<&str>,
+) -> StoredObject {
+    let storage_class = storage_class.map(|configured| {
+        info.storage_class
+            .clone()
+            .unwrap_or_else(|| configured.to_string())
+    });
     StoredObject {
         uri: store::uri(&info.bucket, &info.name),
         bucket: info.bucket,
@@ -776,6 +809,7 @@ fn stored_object(info: ObjectInfo, content_type: ContentType, media: &Media) -> 
         md5: info.md5,
         generation: info.generation.to_string(),
         media: EventMedia::from(media),
+        storage_class,
     }
 }
 

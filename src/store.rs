@@ -107,6 +107,8 @@ pub struct ObjectInfo {
     pub generation: i64,
     /// Custom metadata.
     pub metadata: HashMap<String, String>,
+    /// The storage class, where the server reported one.
+    pub storage_class: Option<String>,
 }
 
 /// The result of a conditional (if-generation-match=0) write.
@@ -127,6 +129,8 @@ pub struct NewObject<'a> {
     pub content_type: &'a str,
     /// Custom metadata.
     pub metadata: &'a BTreeMap<String, String>,
+    /// The storage class to write it in; `None`: the bucket's default.
+    pub storage_class: Option<&'a str>,
 }
 
 /// A staging object to copy: its properties and its first bytes (to sniff).
@@ -499,10 +503,13 @@ impl Store {
             encode(&self.bucket),
             encode(object.name)
         );
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "contentType": object.content_type,
             "metadata": object.metadata,
         });
+        if let Some(class) = object.storage_class {
+            body["storageClass"] = class.into();
+        }
         // Large copies between locations or storage classes take several calls.
         let mut token: Option<String> = None;
         let info = loop {
@@ -589,7 +596,8 @@ impl Store {
     where
         T: Into<Payload<P>>,
     {
-        self.client
+        let write = self
+            .client
             .write_object(
                 format!("projects/_/buckets/{}", self.bucket),
                 object.name,
@@ -597,7 +605,11 @@ impl Store {
             )
             .set_if_generation_match(0)
             .set_content_type(object.content_type)
-            .set_metadata(object.metadata.clone())
+            .set_metadata(object.metadata.clone());
+        match object.storage_class {
+            Some(class) => write.set_storage_class(class),
+            None => write,
+        }
     }
 
     /// The JSON API URL of `bucket/name`.
@@ -649,6 +661,7 @@ impl Store {
                     .map(|c| BASE64.encode(&c.md5_hash)),
                 generation: object.generation,
                 metadata: object.metadata,
+                storage_class: Some(object.storage_class).filter(|class| !class.is_empty()),
             })),
             Err(error) if error.http_status_code() == Some(412) => Ok(Written::AlreadyExists),
             Err(error) => Err(error.into()),
@@ -816,6 +829,7 @@ fn object_from_json(body: &serde_json::Value) -> Result<ObjectInfo, StoreCause> 
         md5: text("md5Hash").filter(|md5| !md5.is_empty()),
         generation: number("generation")?,
         metadata,
+        storage_class: text("storageClass").filter(|class| !class.is_empty()),
     })
 }
 

@@ -1242,6 +1242,8 @@ pub struct ObjectInfo {
     pub content_type: Option<String>,
     /// Custom metadata.
     pub metadata: BTreeMap<String, String>,
+    /// Storage class.
+    pub storage_class: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1258,6 +1260,7 @@ struct RawObject {
     content_type: Option<String>,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
+    storage_class: Option<String>,
 }
 
 impl TryFrom<RawObject> for ObjectInfo {
@@ -1277,6 +1280,7 @@ impl TryFrom<RawObject> for ObjectInfo {
             generation: raw.generation,
             content_type: raw.content_type,
             metadata: raw.metadata,
+            storage_class: raw.storage_class,
         })
     }
 }

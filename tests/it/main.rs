@@ -1,6 +1,7 @@
 //! Integration tests against the real Pub/Sub emulator and fake-gcs-server,
 //! which the harness starts once for this test binary on loopback.
 
+mod archive;
 mod binary;
 mod delivery;
 mod failures;
