@@ -118,6 +118,25 @@ pub struct RawStorage {
     /// Storage class of every object written (`STANDARD`, `NEARLINE`, `COLDLINE`, `ARCHIVE`); empty: the bucket's default.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub storage_class: String,
+    /// Lifecycle rules that `setup` applies to the archive bucket (`[[storage.lifecycle]]`; file only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lifecycle: Vec<RawLifecycleRule>,
+}
+
+/// One `[[storage.lifecycle]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLifecycleRule {
+    /// Objects older than this many days are acted on.
+    pub age_days: i64,
+    /// `set_storage_class` or `delete`.
+    pub action: String,
+    /// The class `set_storage_class` moves objects to.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub storage_class: String,
+    /// Only objects whose names start with one of these (empty: all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub matches_prefix: Vec<String>,
 }
 
 impl Default for RawStorage {
@@ -128,6 +147,7 @@ impl Default for RawStorage {
             staging_buckets: Vec::new(),
             endpoint: String::new(),
             storage_class: String::new(),
+            lifecycle: Vec::new(),
         }
     }
 }
@@ -387,6 +407,28 @@ pub struct StorageSettings {
     pub endpoint: Endpoint,
     /// The storage class of every object written; `None`: the bucket's default.
     pub storage_class: Option<&'static str>,
+    /// Lifecycle rules `setup` applies to the archive bucket.
+    pub lifecycle: Vec<LifecycleRule>,
+}
+
+/// A validated lifecycle rule of the archive bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleRule {
+    /// Age in days at which the rule applies.
+    pub age_days: u32,
+    /// What happens then.
+    pub action: LifecycleAction,
+    /// Name prefixes the rule is limited to (empty: every object).
+    pub matches_prefix: Vec<String>,
+}
+
+/// What a lifecycle rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleAction {
+    /// Deletes the object.
+    Delete,
+    /// Moves the object to this storage class.
+    SetStorageClass(&'static str),
 }
 
 /// Validated `[sources]`.
@@ -597,10 +639,18 @@ impl Settings {
                     })?,
             ),
         };
+        let lifecycle = raw
+            .storage
+            .lifecycle
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| lifecycle_rule(&format!("storage.lifecycle[{index}]"), rule))
+            .collect::<Result<Vec<_>, _>>()?;
         let storage = StorageSettings {
             bucket,
             layout,
             storage_class,
+            lifecycle,
             staging_buckets: raw.storage.staging_buckets.clone(),
             endpoint: Endpoint::parse(
                 "storage.endpoint",
@@ -714,6 +764,23 @@ impl Settings {
                 staging_buckets: self.storage.staging_buckets.clone(),
                 endpoint: self.storage.endpoint.redacted(),
                 storage_class: self.storage.storage_class.unwrap_or_default().to_string(),
+                lifecycle: self
+                    .storage
+                    .lifecycle
+                    .iter()
+                    .map(|rule| {
+                        let (action, storage_class) = match rule.action {
+                            LifecycleAction::Delete => ("delete", ""),
+                            LifecycleAction::SetStorageClass(class) => ("set_storage_class", class),
+                        };
+                        RawLifecycleRule {
+                            age_days: i64::from(rule.age_days),
+                            action: action.into(),
+                            storage_class: storage_class.into(),
+                            matches_prefix: rule.matches_prefix.clone(),
+                        }
+                    })
+                    .collect(),
             },
             sources: RawSources {
                 local_roots: self
@@ -914,6 +981,53 @@ fn describe_serde_error(origin: &str, error: &toml::de::Error) -> ConfigError {
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Checks one `[[storage.lifecycle]]` entry; errors name `key.field`.
+fn lifecycle_rule(key: &str, raw: &RawLifecycleRule) -> Result<LifecycleRule, ConfigError> {
+    let age_days = in_range(&format!("{key}.age_days"), raw.age_days, 0, 36_500)? as u32;
+    let class = || {
+        STORAGE_CLASSES
+            .into_iter()
+            .find(|known| *known == raw.storage_class)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    format!("{key}.storage_class"),
+                    format!(
+                        "set_storage_class needs one of {}, got {:?}",
+                        STORAGE_CLASSES.join(", "),
+                        raw.storage_class
+                    ),
+                )
+            })
+    };
+    let action = match raw.action.as_str() {
+        "delete" if raw.storage_class.is_empty() => LifecycleAction::Delete,
+        "delete" => {
+            return Err(ConfigError::new(
+                format!("{key}.storage_class"),
+                "only set_storage_class takes a storage class",
+            ));
+        }
+        "set_storage_class" => LifecycleAction::SetStorageClass(class()?),
+        other => {
+            return Err(ConfigError::new(
+                format!("{key}.action"),
+                format!("expected \"set_storage_class\" or \"delete\", got {other:?}"),
+            ));
+        }
+    };
+    if let Some(index) = raw.matches_prefix.iter().position(String::is_empty) {
+        return Err(ConfigError::new(
+            format!("{key}.matches_prefix[{index}]"),
+            "an empty prefix would match every object; leave matches_prefix out instead",
+        ));
+    }
+    Ok(LifecycleRule {
+        age_days,
+        action,
+        matches_prefix: raw.matches_prefix.clone(),
+    })
 }
 
 fn required(key: &str, value: &str) -> Result<String, ConfigError> {
@@ -1300,6 +1414,76 @@ mod tests {
         assert_eq!(settings.log.format, LogFormat::Pretty);
         assert_eq!(settings.storage.layout.template(), "x/{audio_id}/{kind}{ext}");
         assert_eq!(settings.storage.storage_class, Some("NEARLINE"));
+        Ok(())
+    }
+
+    #[test]
+    fn lifecycle_rules_are_checked_naming_the_entry_and_load_back() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("lifecycle.toml");
+        let load = |rules: &str| {
+            std::fs::write(&path, format!("[storage]\nbucket = \"audio-x\"\n{rules}"))?;
+            Settings::load(Some(&path), &minimal()).map_err(Box::<dyn std::error::Error>::from)
+        };
+        let settings = load(
+            "[[storage.lifecycle]]\nage_days = 90\naction = \"set_storage_class\"\nstorage_class = \"COLDLINE\"\n\
+             [[storage.lifecycle]]\nage_days = 3650\naction = \"delete\"\nmatches_prefix = [\"audio/\"]\n",
+        )?;
+        assert_eq!(
+            settings.storage.lifecycle,
+            [
+                LifecycleRule {
+                    age_days: 90,
+                    action: LifecycleAction::SetStorageClass("COLDLINE"),
+                    matches_prefix: vec![],
+                },
+                LifecycleRule {
+                    age_days: 3650,
+                    action: LifecycleAction::Delete,
+                    matches_prefix: vec!["audio/".into()],
+                },
+            ]
+        );
+        std::fs::write(&path, settings.effective_toml())?;
+        assert_eq!(
+            Settings::load(Some(&path), &Environment::new())?
+                .storage
+                .lifecycle,
+            settings.storage.lifecycle
+        );
+        for (rules, key) in [
+            (
+                "age_days = -1\naction = \"delete\"",
+                "storage.lifecycle[0].age_days",
+            ),
+            (
+                "age_days = 1\naction = \"archive\"",
+                "storage.lifecycle[0].action",
+            ),
+            (
+                "age_days = 1\naction = \"set_storage_class\"",
+                "storage.lifecycle[0].storage_class",
+            ),
+            (
+                "age_days = 1\naction = \"set_storage_class\"\nstorage_class = \"COLD\"",
+                "storage.lifecycle[0].storage_class",
+            ),
+            (
+                "age_days = 1\naction = \"delete\"\nstorage_class = \"COLDLINE\"",
+                "storage.lifecycle[0].storage_class",
+            ),
+            (
+                "age_days = 1\naction = \"delete\"\nmatches_prefix = [\"\"]",
+                "storage.lifecycle[0].matches_prefix[0]",
+            ),
+        ] {
+            let error = load(&format!("[[storage.lifecycle]]\n{rules}\n")).expect_err(key);
+            assert!(
+                error.to_string().starts_with(&format!("{key}: ")),
+                "{key}: {error}"
+            );
+        }
         Ok(())
     }
 

@@ -170,8 +170,7 @@ async fn execute(command: Command, settings: Settings) -> Result<ExitCode, Failu
         Command::Setup => {
             let topic = settings.input_topic()?;
             for step in setup::run(&settings, topic).await.map_err(Failure::failed)? {
-                let state = if step.created { "created" } else { "exists " };
-                println!("{state} {:<12} {}", step.resource, step.name);
+                println!("{}", step.line());
             }
         }
         Command::Publish {

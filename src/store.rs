@@ -8,7 +8,7 @@
 //! client is gRPC-only, which no local emulator speaks, and real GCS serves
 //! the JSON API as well.
 
-use crate::config::{Endpoint, StorageSettings};
+use crate::config::{Endpoint, LifecycleAction, LifecycleRule, StorageSettings};
 use crate::source::{self, LocalContent};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -571,24 +571,80 @@ impl Store {
         Ok(())
     }
 
-    /// Creates the archive bucket in `project`; `false` if it already existed.
-    pub async fn create_bucket(&self, project: &str) -> Result<bool, StoreError> {
+    /// Creates the archive bucket, with uniform bucket-level access, public
+    /// access prevention and `rules`, unless it exists; `true` if it was created.
+    pub async fn create_bucket(&self, project: &str, rules: &[LifecycleRule]) -> Result<bool, StoreError> {
         let failed = |cause: StoreCause| StoreError {
             operation: "create bucket",
             target: format!("gs://{}", self.bucket),
             cause,
         };
+        let mut body = bucket_policy(rules);
+        body["name"] = self.bucket.clone().into();
         let request = self
             .http
             .post(format!("{}/storage/v1/b", self.json_base))
             .query(&[("project", project)])
-            .json(&serde_json::json!({ "name": self.bucket }));
+            .json(&body);
         let response = self.send(request).await.map_err(failed)?;
         if response.status() == reqwest::StatusCode::CONFLICT {
             return Ok(false);
         }
         checked(response).await.map_err(failed)?;
         Ok(true)
+    }
+
+    /// Makes the archive bucket's policy what `setup` wants (uniform
+    /// bucket-level access, public access prevention enforced, `rules` as its
+    /// lifecycle), patching only what differs; returns what was changed
+    /// (empty: nothing was sent).
+    pub async fn reconcile_bucket_policy(
+        &self,
+        rules: &[LifecycleRule],
+    ) -> Result<Vec<&'static str>, StoreError> {
+        let failed = |operation: &'static str| {
+            move |cause: StoreCause| StoreError {
+                operation,
+                target: format!("gs://{}", self.bucket),
+                cause,
+            }
+        };
+        let url = format!("{}/storage/v1/b/{}", self.json_base, encode(&self.bucket));
+        let request = self
+            .http
+            .get(&url)
+            .query(&[("fields", "iamConfiguration,lifecycle")]);
+        let current: serde_json::Value = checked(self.send(request).await.map_err(failed("get bucket"))?)
+            .await
+            .map_err(failed("get bucket"))?
+            .json()
+            .await
+            .map_err(|error| failed("get bucket")(error.into()))?;
+        let wanted = bucket_policy(rules);
+        let mut patch = serde_json::Map::new();
+        let mut changed = Vec::new();
+        let iam = &current["iamConfiguration"];
+        if iam["uniformBucketLevelAccess"]["enabled"] != true {
+            changed.push("uniform bucket-level access");
+        }
+        if iam["publicAccessPrevention"] != "enforced" {
+            changed.push("public access prevention");
+        }
+        if !changed.is_empty() {
+            patch.insert("iamConfiguration".into(), wanted["iamConfiguration"].clone());
+        }
+        if lifecycle_rules(&current) != lifecycle_rules(&wanted) {
+            changed.push("lifecycle rules");
+            patch.insert("lifecycle".into(), wanted["lifecycle"].clone());
+        }
+        if patch.is_empty() {
+            return Ok(changed);
+        }
+        let request = self.http.patch(&url).json(&serde_json::Value::Object(patch));
+        checked(self.send(request).await.map_err(failed("patch bucket"))?)
+            .await
+            .map_err(failed("patch bucket"))?;
+        Ok(changed)
     }
 
     /// A write of `object` into the archive that fails with 412 if the name is taken.
@@ -768,6 +824,59 @@ impl Seek for HashingFile {
 /// The GCS form of a CRC32C: base64 of the big-endian value.
 pub fn crc32c_base64(crc32c: u32) -> String {
     BASE64.encode(crc32c.to_be_bytes())
+}
+
+/// The bucket fields `setup` sets: uniform bucket-level access, public access
+/// prevention and the lifecycle rules, in the JSON API's shape.
+fn bucket_policy(rules: &[LifecycleRule]) -> serde_json::Value {
+    let rules: Vec<serde_json::Value> = rules
+        .iter()
+        .map(|rule| {
+            let action = match rule.action {
+                LifecycleAction::Delete => serde_json::json!({"type": "Delete"}),
+                LifecycleAction::SetStorageClass(class) => {
+                    serde_json::json!({"type": "SetStorageClass", "storageClass": class})
+                }
+            };
+            let mut condition = serde_json::json!({"age": rule.age_days});
+            if !rule.matches_prefix.is_empty() {
+                condition["matchesPrefix"] = rule.matches_prefix.clone().into();
+            }
+            serde_json::json!({"action": action, "condition": condition})
+        })
+        .collect();
+    serde_json::json!({
+        "iamConfiguration": {
+            "uniformBucketLevelAccess": {"enabled": true},
+            "publicAccessPrevention": "enforced",
+        },
+        "lifecycle": {"rule": rules},
+    })
+}
+
+/// A bucket resource's lifecycle rules reduced to what `setup` sets, for comparing.
+fn lifecycle_rules(bucket: &serde_json::Value) -> Vec<(String, String, i64, Vec<String>)> {
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_string();
+    bucket["lifecycle"]["rule"]
+        .as_array()
+        .map(|rules| {
+            rules
+                .iter()
+                .map(|rule| {
+                    let prefixes = rule["condition"]["matchesPrefix"]
+                        .as_array()
+                        .map(|prefixes| prefixes.iter().map(text).collect())
+                        .unwrap_or_default();
+                    (
+                        text(&rule["action"]["type"]),
+                        text(&rule["action"]["storageClass"]),
+                        rule["condition"]["age"].as_i64().unwrap_or(-1),
+                        prefixes,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `gs://bucket/name`.

@@ -247,3 +247,99 @@ async fn publish_and_run_as_processes_store_a_message_and_ctrl_c_exits_0() -> an
     assert_eq!(stored["span"]["audio_id"], audio_id_for("proc-1"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_applies_the_bucket_policy_then_sends_nothing_and_patches_only_a_changed_rule()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    // fake-gcs drops these fields; the proxy records what setup sends and answers with it.
+    let proxy = crate::bucket_proxy::BucketProxy::start(&env.gcs_endpoint).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("lifecycle.toml");
+    let rules = |age: u32| {
+        format!(
+            "[[storage.lifecycle]]\nage_days = {age}\naction = \"set_storage_class\"\nstorage_class = \"COLDLINE\"\n\n\
+             [[storage.lifecycle]]\nage_days = 3650\naction = \"delete\"\nmatches_prefix = [\"audio/\"]\n"
+        )
+    };
+    std::fs::write(&config, rules(90))?;
+    let config_path = config.display().to_string();
+    let environment = environment(
+        &env,
+        &[
+            ("STORAGE_EMULATOR_HOST", proxy.endpoint()),
+            ("AUDIO_STORE_CONFIG", &config_path),
+        ],
+    );
+    let setup = || run(&environment, &["setup"]);
+
+    let first = setup().await?;
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    let recorded = proxy.take_recorded();
+    ensure!(
+        recorded.len() == 1 && recorded[0].method == "POST",
+        "only the insert: {recorded:?}"
+    );
+    assert_eq!(recorded[0].path, "/storage/v1/b");
+    let sent = &recorded[0].body;
+    assert_eq!(
+        sent["iamConfiguration"]["uniformBucketLevelAccess"]["enabled"],
+        true
+    );
+    assert_eq!(sent["iamConfiguration"]["publicAccessPrevention"], "enforced");
+    assert_eq!(
+        sent["lifecycle"]["rule"],
+        serde_json::json!([
+            {"action": {"type": "SetStorageClass", "storageClass": "COLDLINE"}, "condition": {"age": 90}},
+            {"action": {"type": "Delete"}, "condition": {"age": 3650, "matchesPrefix": ["audio/"]}},
+        ])
+    );
+    let out = text(&first.stdout);
+    ensure!(
+        out.lines()
+            .any(|l| l.starts_with("same") && l.contains("bucket policy")),
+        "{out}"
+    );
+
+    let second = setup().await?;
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    let recorded = proxy.take_recorded();
+    ensure!(
+        recorded.iter().all(|r| r.method != "PATCH"),
+        "a second setup changes nothing: {recorded:?}"
+    );
+    let out = text(&second.stdout);
+    ensure!(
+        out.lines()
+            .any(|l| l.starts_with("same") && l.contains("bucket policy")),
+        "{out}"
+    );
+
+    std::fs::write(&config, rules(120))?;
+    let third = setup().await?;
+    assert_eq!(third.status.code(), Some(0), "{}", text(&third.stderr));
+    let recorded: Vec<_> = proxy
+        .take_recorded()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .collect();
+    ensure!(
+        recorded.len() == 1,
+        "one patch: {recorded:?} {}",
+        text(&third.stdout)
+    );
+    assert_eq!(recorded[0].path, format!("/storage/v1/b/{}", env.bucket));
+    ensure!(
+        recorded[0].body.get("iamConfiguration").is_none(),
+        "only what differs: {:?}",
+        recorded[0].body
+    );
+    assert_eq!(recorded[0].body["lifecycle"]["rule"][0]["condition"]["age"], 120);
+    let out = text(&third.stdout);
+    ensure!(
+        out.lines()
+            .any(|l| l.starts_with("changed") && l.ends_with(": lifecycle rules")),
+        "{out}"
+    );
+    Ok(())
+}

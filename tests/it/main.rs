@@ -3,6 +3,7 @@
 
 mod archive;
 mod binary;
+mod bucket_proxy;
 mod delivery;
 mod failures;
 mod faults;
