@@ -114,7 +114,7 @@ async fn a_metadata_value_that_cannot_be_a_name_segment_is_an_invalid_message_an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_configured_storage_class_is_the_class_of_uploaded_objects_and_the_event_reports_the_servers()
+async fn a_configured_storage_class_is_the_class_of_uploads_is_asked_of_copies_and_the_event_reports_the_servers()
 -> anyhow::Result<()> {
     let env = TestEnv::new();
     env.create_resources().await?;
@@ -123,9 +123,14 @@ async fn a_configured_storage_class_is_the_class_of_uploaded_objects_and_the_eve
         .upload(&env.staging_bucket, "incoming/cover.png", &sample_png())
         .await?;
     let cover = format!("gs://{}/incoming/cover.png", env.staging_bucket);
+    // Through the recording proxy, to see what the server-side copy asks for.
+    let proxy = crate::bucket_proxy::BucketProxy::start(&env.gcs_endpoint).await?;
     let worker = Worker::start(settings(
         &env,
-        &[("AUDIO_STORE__STORAGE__STORAGE_CLASS", "NEARLINE")],
+        &[
+            ("AUDIO_STORE__STORAGE__STORAGE_CLASS", "NEARLINE"),
+            ("STORAGE_EMULATOR_HOST", proxy.endpoint()),
+        ],
     )?);
     env.pubsub
         .publish_json(
@@ -156,6 +161,11 @@ async fn a_configured_storage_class_is_the_class_of_uploaded_objects_and_the_eve
     // fake-gcs 1.54 ignores the storage class of a rewrite's destination (real GCS applies
     // it), so for the server-side copy only the event's honesty can be checked here: it
     // reports the class the server gave the object.
+    let rewrites = proxy.take_recorded();
+    ensure!(
+        rewrites.len() == 1 && rewrites[0].body["storageClass"] == "NEARLINE",
+        "the copy asks for the class: {rewrites:?}"
+    );
     let copied = class_of("thumbnail").await?.context("a storage class")?;
     assert_eq!(
         event["thumbnail"]["storage_class"],

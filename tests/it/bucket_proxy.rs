@@ -4,7 +4,9 @@
 //! `lifecycle`. This proxy forwards every request to fake-gcs unchanged,
 //! records the bucket inserts and patches it sees, keeps the policy fields
 //! they set, and adds them to fake-gcs's answers to bucket GETs, the way
-//! real Cloud Storage would answer. Everything else is fake-gcs's own answer.
+//! real Cloud Storage would answer. It also records object rewrites (their
+//! destination resource, e.g. the storage class, which fake-gcs ignores).
+//! Everything else is fake-gcs's own answer.
 
 use anyhow::Context as _;
 use axum::body::Body;
@@ -17,7 +19,7 @@ use std::sync::{Arc, Mutex};
 /// The bucket fields fake-gcs drops.
 const POLICY_FIELDS: [&str; 2] = ["iamConfiguration", "lifecycle"];
 
-/// A bucket request the proxy saw: method, path and JSON body.
+/// A bucket insert or patch, or an object rewrite, that the proxy saw: method, path and JSON body.
 #[derive(Debug, Clone)]
 pub struct Recorded {
     /// `POST` (insert) or `PATCH`.
@@ -76,7 +78,7 @@ impl BucketProxy {
         &self.endpoint
     }
 
-    /// The bucket inserts and patches seen so far, and forgets them.
+    /// The bucket inserts and patches and the rewrites seen so far, and forgets them.
     pub fn take_recorded(&self) -> Vec<Recorded> {
         std::mem::take(
             &mut self
@@ -125,6 +127,8 @@ async fn forward_inner(shared: &Shared, request: Request) -> anyhow::Result<Resp
         },
         _ => None,
     };
+    let rewrite =
+        parts.method == Method::POST && bucket_path.is_some_and(|rest| rest.contains("/rewriteTo/"));
     let mut upstream = shared
         .client
         .request(parts.method.clone(), &target)
@@ -136,7 +140,7 @@ async fn forward_inner(shared: &Shared, request: Request) -> anyhow::Result<Resp
     }
     let answer = upstream.send().await.context("forwarding to fake-gcs")?;
     let status = answer.status();
-    if let (Some(name), Some(json)) = (written, &json) {
+    if let (true, Some(json)) = (written.is_some() || rewrite, &json) {
         let mut memory = shared.memory.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         memory.recorded.push(Recorded {
             method: parts.method.clone(),
@@ -144,7 +148,7 @@ async fn forward_inner(shared: &Shared, request: Request) -> anyhow::Result<Resp
             body: json.clone(),
         });
         // What the bucket keeps: only what a successful insert or patch set.
-        if status.is_success() {
+        if let (true, Some(name)) = (status.is_success(), written) {
             let policy = memory.policies.entry(name).or_default();
             for field in POLICY_FIELDS {
                 if let Some(value) = json.get(field) {
@@ -153,7 +157,7 @@ async fn forward_inner(shared: &Shared, request: Request) -> anyhow::Result<Resp
             }
         }
     }
-    let content_type = answer.headers().get("content-type").cloned();
+    let headers = answer.headers().clone();
     let mut bytes = answer
         .bytes()
         .await
@@ -174,8 +178,13 @@ async fn forward_inner(shared: &Shared, request: Request) -> anyhow::Result<Resp
         }
     }
     let mut response = Response::builder().status(status.as_u16());
-    if let Some(content_type) = content_type {
-        response = response.header("content-type", content_type);
+    for (name, value) in &headers {
+        if !matches!(
+            name.as_str(),
+            "content-length" | "transfer-encoding" | "connection"
+        ) {
+            response = response.header(name, value);
+        }
     }
     Ok(response.body(Body::from(bytes))?)
 }
