@@ -9,19 +9,23 @@
 //! - [`message`] — the input "audio processed" message, parsed into an [`message::AudioMessage`].
 //! - [`identity`] — the deterministic `audio_id` (UUIDv5).
 //! - [`source`] — local and `gs://` sources, and which of them may be read.
-//! - [`content`] — content-type sniffing from magic bytes.
+//! - [`content`] — the accepted content types (MIME type, canonical extension).
+//! - [`media`] — the probe: real demuxers and image headers decide what a file is.
 //! - [`layout`] — object names from `storage.layout`.
 //! - [`event`] — the output "audio stored" event.
 //! - [`error`] — failure kinds; transient versus permanent is decided there.
 //! - [`store`] — the only module that talks to Cloud Storage.
 //! - [`pubsub`] — the only module that talks to Pub/Sub.
 //! - [`pipeline`] — everything that happens to one message.
+//! - [`outcome`] — how a message ended, and its labels.
 //! - [`dead_letter`] — the dead-letter copy of a permanent failure, within Pub/Sub's limits.
 //! - [`worker`] — the loop that pulls, bounds concurrency and shuts down.
 //! - [`setup`], [`publish`] and [`replay`] — the operator commands.
 //! - [`metrics`] and [`health`] — Prometheus metrics and the `/healthz` `/readyz` `/metrics` endpoint.
 //! - [`monitor`] — liveness and the Pub/Sub probe, beside the worker loop.
 //! - [`telemetry`] — logging.
+
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod content;
@@ -35,6 +39,7 @@ pub mod media;
 pub mod message;
 pub mod metrics;
 pub mod monitor;
+pub mod outcome;
 pub mod pipeline;
 pub mod publish;
 pub mod pubsub;

@@ -2,7 +2,7 @@
 //! the fixed outcome and error-kind sets.
 
 use crate::error::ErrorKind;
-use crate::pipeline::Outcome;
+use crate::outcome::Outcome;
 use crate::source::KeptReason;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,8 +32,8 @@ struct BuildLabels {
     version: &'static str,
 }
 
-/// The values of the `outcome` label (see [`Outcome::as_str`]).
-const OUTCOMES: [&str; 4] = ["stored", "already_stored", "dead_lettered", "nacked"];
+/// The values of the `outcome` label.
+const OUTCOMES: [&str; 4] = Outcome::LABELS;
 
 /// The worker's metrics, shared by the loop, the pipeline and the HTTP endpoint.
 #[derive(Debug)]

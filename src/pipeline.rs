@@ -16,6 +16,7 @@ use crate::layout::{Date, Kind};
 use crate::media::{self, Media, Probed};
 use crate::message::{AudioMessage, Envelope};
 use crate::metrics::Metrics;
+use crate::outcome::Outcome;
 use crate::pubsub::{Delivery, Outbox};
 use crate::source::{self, KeptReason, LocalContent, LocalFile, Removal, Source, SourceError, SpoolEntry};
 use crate::store::{self, NewObject, ObjectInfo, StagingObject, Store, Written};
@@ -23,31 +24,6 @@ use backon::{ExponentialBuilder, Retryable as _};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tracing::{Instrument as _, info, warn};
-
-/// How one message ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Both objects were written by this delivery, the event confirmed, the message acked.
-    Stored,
-    /// The objects were already there (a redelivery or replay); the event was published again and the message acked.
-    AlreadyStored,
-    /// A permanent failure, published to the dead-letter topic and acked.
-    DeadLettered(ErrorKind),
-    /// Not settled: returned to Pub/Sub for redelivery.
-    Nacked(ErrorKind),
-}
-
-impl Outcome {
-    /// `stored`, `already_stored`, `dead_lettered` or `nacked`, as in metrics.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Outcome::Stored => "stored",
-            Outcome::AlreadyStored => "already_stored",
-            Outcome::DeadLettered(_) => "dead_lettered",
-            Outcome::Nacked(_) => "nacked",
-        }
-    }
-}
 
 /// What processing one message needs: the archive, the event outbox and the dead-letter outbox.
 #[derive(Clone)]

@@ -18,4 +18,5 @@ mod resilience;
 mod spool;
 mod support;
 mod tcp_proxy;
+mod tidy;
 mod worker;
