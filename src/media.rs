@@ -19,6 +19,8 @@ use symphonia::core::meta::MetadataOptions;
 
 /// Most bytes one probe may read (headers, first packets, a seek to the end).
 pub const READ_BUDGET: u64 = 4 * 1024 * 1024;
+/// The error a read past [`READ_BUDGET`] gets.
+const BUDGET_SPENT: &str = "the probe read budget is spent";
 /// Packets decoded to accept a stream (fewer if the stream has fewer).
 const PACKETS_TO_DECODE: usize = 4;
 /// Consecutive valid frames an MP3 needs.
@@ -152,7 +154,7 @@ struct Budgeted<R> {
 impl<R: Read> Read for Budgeted<R> {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
         if self.left == 0 {
-            return Err(std::io::Error::other("the probe read budget is spent"));
+            return Err(std::io::Error::other(BUDGET_SPENT));
         }
         let wanted = buffer.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let read = self.inner.read(&mut buffer[..wanted])?;
@@ -211,6 +213,10 @@ pub fn probe_audio(bytes: impl Probeable + 'static, size: u64) -> Result<Probed<
                     "is truncated: the file ends at {size} bytes, inside what its headers describe"
                 ))
             }
+            symphonia::core::errors::Error::IoError(error) if error.to_string() == BUDGET_SPENT => not_media(format!(
+                "cannot be probed within {} MiB of reading (an ID3v2 tag or header that large, e.g. a huge embedded picture)",
+                READ_BUDGET / (1024 * 1024)
+            )),
             error => not_media(format!("is not a recognised audio container ({error})")),
         })?;
     let container = container_name(format.format_info().short_name);
@@ -733,6 +739,32 @@ mod tests {
             error.0.contains("no audio frames") || error.0.contains("crc mismatch"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn an_mp3_whose_tag_alone_outgrows_the_read_budget_says_so() {
+        // An ID3v2.3 tag with one 5 MiB TXXX frame, before a real MP3.
+        let value = vec![b'a'; 5 * 1024 * 1024];
+        let mut frame = b"TXXX".to_vec();
+        frame.extend_from_slice(&(value.len() as u32 + 5).to_be_bytes());
+        frame.extend_from_slice(&[0, 0, 0]);
+        frame.extend_from_slice(b"big\0");
+        frame.extend_from_slice(&value);
+        let syncsafe = |size: usize| {
+            [
+                (size >> 21) as u8 & 0x7f,
+                (size >> 14) as u8 & 0x7f,
+                (size >> 7) as u8 & 0x7f,
+                size as u8 & 0x7f,
+            ]
+        };
+        let mut file = b"ID3\x03\x00\x00".to_vec();
+        file.extend_from_slice(&syncsafe(frame.len()));
+        file.extend_from_slice(&frame);
+        file.extend_from_slice(&std::fs::read(fixtures().join("mp3-cbr-bare.mp3")).expect("fixture"));
+        let size = file.len() as u64;
+        let error = probe_audio(std::io::Cursor::new(file), size).expect_err("over the budget");
+        assert!(error.0.starts_with("cannot be probed within 4 MiB"), "{error}");
     }
 
     #[test]
