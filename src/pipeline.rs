@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::pubsub::{Delivery, Outbox};
 use crate::source::{self, KeptReason, LocalContent, LocalFile, Removal, Source, SourceError, SpoolEntry};
-use crate::store::{self, NewObject, ObjectInfo, StagingObject, Store, Written};
+use crate::store::{self, NewObject, ObjectInfo, Store, Written};
 use backon::{ExponentialBuilder, Retryable as _};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,8 +47,8 @@ struct Part {
 enum Prepared {
     /// A local file, read or open.
     Local { target: Target, file: LocalFile },
-    /// A staging object, looked up and its head read.
-    Staging { target: Target, staging: StagingObject },
+    /// A staging object, looked up (its generation pinned) and probed.
+    Staging { target: Target, staging: ObjectInfo },
     /// The source is gone but its object is in the archive (a crash after cleanup).
     Stored(Part),
 }
@@ -289,16 +289,11 @@ impl Pipeline {
                 }
                 Err(error) => Err(error.into()),
             },
-            Source::Gcs { bucket, object } => match self.store.open_staging(bucket, object).await? {
+            Source::Gcs { bucket, object } => match self.store.object(bucket, object).await? {
                 Some(staging) => {
-                    let reader = self.store.reader(&staging.info);
-                    let probed = probe(
-                        kind,
-                        source,
-                        ProbeInput::Object(Box::new(reader)),
-                        staging.info.size,
-                    )
-                    .await?;
+                    let reader = self.store.reader(&staging);
+                    let probed =
+                        probe(kind, source, ProbeInput::Object(Box::new(reader)), staging.size).await?;
                     Ok(Prepared::Staging {
                         target: self.target(message, kind, source, probed)?,
                         staging,
@@ -360,11 +355,11 @@ impl Pipeline {
             }
             Prepared::Staging { target, staging } => {
                 let cleanup = Some(Cleanup::Staging {
-                    bucket: staging.info.bucket.clone(),
-                    name: staging.info.name.clone(),
-                    generation: staging.info.generation,
+                    bucket: staging.bucket.clone(),
+                    name: staging.name.clone(),
+                    generation: staging.generation,
                 });
-                let source_crc32c = staging.info.crc32c;
+                let source_crc32c = staging.crc32c;
                 // Always looked up first (one small call): a redelivery copies nothing, and fake-gcs
                 // does not honour the copy's if-generation-match=0.
                 if let Some(existing) = self.store.archived(&target.name).await? {

@@ -133,13 +133,6 @@ pub struct NewObject<'a> {
     pub storage_class: Option<&'a str>,
 }
 
-/// A staging object to copy: its properties and its first bytes (to sniff).
-#[derive(Debug)]
-pub struct StagingObject {
-    /// The object's properties (the copy is pinned to this generation).
-    pub info: ObjectInfo,
-}
-
 /// How many bytes [`ObjectReader`] reads at a time.
 pub const RANGE_WINDOW: u64 = 256 * 1024;
 
@@ -425,18 +418,6 @@ impl Store {
         Ok((result, crc32c))
     }
 
-    /// Looks up a staging object; `None` if it does not exist.
-    ///
-    /// Its properties come from the JSON API (the read response's headers
-    /// are not reliable on every server); reads of it ([`Store::reader`]) and
-    /// the copy are pinned to that generation.
-    pub async fn open_staging(&self, bucket: &str, name: &str) -> Result<Option<StagingObject>, StoreError> {
-        Ok(self
-            .object(bucket, name)
-            .await?
-            .map(|info| StagingObject { info }))
-    }
-
     /// Reads `len` bytes of an object's generation from `offset` (fewer at its end).
     pub async fn read_range(&self, object: &ObjectInfo, offset: u64, len: u64) -> Result<Bytes, StoreError> {
         let failed = |cause: StoreCause| StoreError {
@@ -488,7 +469,7 @@ impl Store {
     /// are compared with the source's before this returns `Created`.
     pub async fn copy_staging(
         &self,
-        staging: &StagingObject,
+        source: &ObjectInfo,
         object: &NewObject<'_>,
     ) -> Result<Written, StoreError> {
         let failed = |cause: StoreCause| StoreError {
@@ -496,7 +477,6 @@ impl Store {
             target: uri(&self.bucket, object.name),
             cause,
         };
-        let source = &staging.info;
         let url = format!(
             "{}/rewriteTo/b/{}/o/{}",
             self.object_url(&source.bucket, &source.name),
