@@ -5,7 +5,7 @@
 
 use crate::harness::{FakeGcs, TestEnv, crc32c_base64, sample_png, sample_wav, wait_for};
 use crate::proxy::FaultProxy;
-use crate::support::{Worker, audio_id_for, event_json, settings};
+use crate::support::{Worker, audio_id_for, next_event, settings};
 use anyhow::{Context as _, ensure};
 use audio_store::source::KeptReason;
 use serde_json::json;
@@ -192,9 +192,12 @@ async fn a_file_renamed_over_the_source_during_its_upload_is_kept_and_stored_by_
     // Upstream's atomic write of the next take: write aside, rename over.
     let temporary = env.spool_file("track.wav.tmp", &new);
     std::fs::rename(&temporary, &path)?;
-    let first = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
-    ensure!(first.len() == 1, "the old take stored");
-    assert_eq!(event_json(&first[0])?["audio"]["crc32c"], crc32c_base64(&old));
+    let first = next_event(&env).await?;
+    assert_eq!(
+        first["audio"]["crc32c"],
+        crc32c_base64(&old),
+        "the old take stored"
+    );
     assert_eq!(std::fs::read(&path)?, new, "the new take is not deleted");
     let metrics = worker.health.metrics.clone();
     assert_eq!(metrics.sources_kept(KeptReason::Replaced), 1);
@@ -203,17 +206,13 @@ async fn a_file_renamed_over_the_source_during_its_upload_is_kept_and_stored_by_
     env.pubsub
         .publish_json(&env.topic, &json!({"audio": path, "id": "new-take"}), &[])
         .await?;
-    let second = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    let second = next_event(&env).await?;
     let dead = env
         .pubsub
         .drain_for(&env.dead_letter_subscription, QUIET_WINDOW)
         .await?;
     let summary = worker.stop().await?;
-    ensure!(
-        second.len() == 1 && dead.is_empty(),
-        "the new take stored: {dead:?}"
-    );
-    let second = event_json(&second[0])?;
+    ensure!(dead.is_empty(), "the new take stored: {dead:?}");
     assert_eq!(second["audio_id"], audio_id_for("new-take"));
     assert_eq!(second["audio"]["crc32c"], crc32c_base64(&new));
     ensure!(!path.exists(), "removed once its own message stored it");
@@ -235,12 +234,11 @@ async fn a_file_written_to_after_it_was_read_is_stored_as_read_and_not_deleted()
         .append(true)
         .open(&path)?
         .write_all(&sample_wav(500)[44..])?;
-    let events = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    let event = next_event(&env).await?;
     let metrics = worker.health.metrics.clone();
     worker.stop().await?;
-    ensure!(events.len() == 1, "stored");
     assert_eq!(
-        event_json(&events[0])?["audio"]["crc32c"],
+        event["audio"]["crc32c"],
         crc32c_base64(&first_part),
         "what was read"
     );
@@ -273,9 +271,7 @@ async fn one_id_under_other_names_and_a_symlink_gives_one_object_set_and_no_dead
         env.pubsub
             .publish_json(&env.topic, &json!({"audio": path, "id": "one-take"}), &[])
             .await?;
-        let events = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
-        ensure!(events.len() == 1, "{} stored", path.display());
-        names.push(event_json(&events[0])?["audio"]["name"].clone());
+        names.push(next_event(&env).await?["audio"]["name"].clone());
     }
     let dead = env
         .pubsub
@@ -312,23 +308,16 @@ async fn sources_without_an_extension_redelivered_after_cleanup_are_recognised_a
     let data = json!({"audio": audio, "thumbnail": cover, "id": "no-extension"});
     let worker = Worker::start(settings(&env, &[])?);
     env.pubsub.publish_json(&env.topic, &data, &[]).await?;
-    let first = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
-    ensure!(
-        first.len() == 1 && !audio.exists() && !cover.exists(),
-        "stored and cleaned up"
-    );
+    let first = next_event(&env).await?;
+    ensure!(!audio.exists() && !cover.exists(), "stored and cleaned up");
     env.pubsub.publish_json(&env.topic, &data, &[]).await?;
-    let second = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    let second = next_event(&env).await?;
     let dead = env
         .pubsub
         .drain_for(&env.dead_letter_subscription, QUIET_WINDOW)
         .await?;
     let summary = worker.stop().await?;
-    ensure!(
-        second.len() == 1 && dead.is_empty(),
-        "recognised, not dead-lettered: {dead:?}"
-    );
-    let (first, second) = (event_json(&first[0])?, event_json(&second[0])?);
+    ensure!(dead.is_empty(), "recognised, not dead-lettered: {dead:?}");
     let prefix = format!("audio/{}", audio_id_for("no-extension"));
     assert_eq!(first["audio"]["name"], format!("{prefix}/audio.wav"));
     assert_eq!(first["thumbnail"]["name"], format!("{prefix}/thumbnail.png"));
@@ -362,10 +351,8 @@ async fn source_uri_metadata_is_an_encoded_file_uri_and_the_event_echoes_the_sou
             &[],
         )
         .await?;
-    let events = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
+    let event = next_event(&env).await?;
     worker.stop().await?;
-    ensure!(events.len() == 1, "stored");
-    let event = event_json(&events[0])?;
     assert_eq!(event["source"]["audio"], as_sent, "as sent, not normalised");
     assert_eq!(event["source"]["thumbnail"], cover.display().to_string());
     ensure!(!path.exists(), "the decoded path was read and removed");

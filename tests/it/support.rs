@@ -105,6 +105,16 @@ pub fn event_json(event: &Received) -> anyhow::Result<serde_json::Value> {
     Ok(json)
 }
 
+/// The next "audio stored" event on `env`'s stored subscription, its attributes checked
+/// ([`event_json`]); an error when none comes within a minute and a half.
+pub async fn next_event(env: &TestEnv) -> anyhow::Result<serde_json::Value> {
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, std::time::Duration::from_secs(90))
+        .await?;
+    event_json(events.first().context("no \"audio stored\" event within 90 s")?)
+}
+
 /// Sends the library's logs to the test's captured output (shown when a test fails).
 fn init_logs() {
     let _ = tracing_subscriber::fmt()
