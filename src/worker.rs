@@ -5,7 +5,9 @@
 //! The loop never cancels a pull of its own accord: no timer races the
 //! stream, so an idle worker keeps one StreamingPull open. Only shutdown
 //! interrupts a pending pull, and the stream is then closed through its
-//! shutdown token (see [`run`]).
+//! shutdown token (see [`run`]). The one exception: when Pub/Sub answers
+//! again after an outage and the stream has delivered nothing since it began,
+//! the loop reopens the stream at once ([`crate::monitor`]).
 
 use crate::config::Settings;
 use crate::error::chain;
@@ -20,8 +22,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 /// Longest wait for pending acks and publishes to be flushed at shutdown.
@@ -149,6 +152,7 @@ pub async fn run(
         mut inbox,
         _monitor,
     } = started;
+    let mut recoveries = _monitor.recoveries();
 
     let permits = Arc::new(Semaphore::new(settings.worker.concurrency));
     let mut in_flight = JoinSet::new();
@@ -162,6 +166,7 @@ pub async fn run(
         &permits,
         &mut in_flight,
         &mut summary,
+        &mut recoveries,
         &mut shutdown,
     )
     .await;
@@ -279,7 +284,9 @@ async fn start(settings: &Arc<Settings>, health: &Health) -> Result<Started, Wor
 /// A pull that fails or ends is reopened after a backoff with jitter, logged
 /// at WARN with its cause and counted in `audio_store_pull_reconnects_total`;
 /// meanwhile readiness says why ([`Check::Pull`]) until a message arrives or the
-/// reopened pull has not failed for [`REOPEN_SETTLE`].
+/// reopened pull has not failed for [`REOPEN_SETTLE`]. A pull that has
+/// delivered nothing since an outage that `recoveries` reports over is
+/// reopened at once: the SDK may still be waiting out its own backoff.
 #[allow(clippy::too_many_arguments)] // The loop's state, borrowed from `run`, which drains it after.
 async fn pull<S: Future<Output = ()>>(
     settings: &Settings,
@@ -289,6 +296,7 @@ async fn pull<S: Future<Output = ()>>(
     permits: &Arc<Semaphore>,
     in_flight: &mut JoinSet<Outcome>,
     summary: &mut Summary,
+    recoveries: &mut watch::Receiver<Option<Instant>>,
     shutdown: &mut Pin<&mut S>,
 ) -> Result<(), WorkerError> {
     let backoff = || {
@@ -301,7 +309,9 @@ async fn pull<S: Future<Output = ()>>(
     };
     let mut reopen_delays = backoff();
     // When the pull was reopened after a failure: it counts as working REOPEN_SETTLE later.
-    let mut settling: Option<tokio::time::Instant> = None;
+    let mut settling: Option<Instant> = None;
+    // When the current stream last delivered a message.
+    let mut last_delivery: Option<Instant> = None;
     loop {
         // Settle finished tasks as we go so the set does not grow.
         while let Some(joined) = in_flight.try_join_next() {
@@ -325,21 +335,49 @@ async fn pull<S: Future<Output = ()>>(
                         None => std::future::pending().await,
                     }
                 };
+                let recovered = async {
+                    match recoveries.changed().await {
+                        Ok(()) => *recoveries.borrow_and_update(),
+                        // The monitor is gone (never while the loop runs): nothing more to hear.
+                        Err(_) => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     biased;
                     () = shutdown.as_mut() => return Ok(()),
-                    next = &mut next => break next,
+                    next = &mut next => break Some(next),
                     // Observes the pending pull without touching it.
                     () = settled => {
                         settling = None;
                         reopen_delays = backoff();
                         health.report(Check::Pull, None);
                     }
+                    Some(since) = recovered => {
+                        if last_delivery.is_none_or(|at| at < since) {
+                            break None;
+                        }
+                    }
                 }
             }
         };
+        let Some(next) = next else {
+            drop(permit);
+            info!(
+                subscription = %settings.pubsub.subscription,
+                "Pub/Sub answers again and the streaming pull delivered nothing since the outage; reopening it"
+            );
+            health.metrics.pull_reconnected();
+            let stale = std::mem::replace(
+                inbox,
+                Inbox::open(&settings.pubsub, settings.worker.concurrency).await?,
+            );
+            // The old stream's deliveries, if any, are still settled through it.
+            tokio::spawn(async move { stale.closer().close().await });
+            continue;
+        };
         let problem = match next {
             Some(Ok((envelope, delivery))) => {
+                last_delivery = Some(Instant::now());
                 if settling.take().is_some() || health.problem(Check::Pull).is_some() {
                     reopen_delays = backoff();
                     health.report(Check::Pull, None);
@@ -371,7 +409,7 @@ async fn pull<S: Future<Output = ()>>(
         }
         health.metrics.pull_reconnected();
         *inbox = Inbox::open(&settings.pubsub, settings.worker.concurrency).await?;
-        settling = Some(tokio::time::Instant::now() + REOPEN_SETTLE);
+        settling = Some(Instant::now() + REOPEN_SETTLE);
     }
 }
 

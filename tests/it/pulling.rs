@@ -83,17 +83,30 @@ async fn wait_stored(env: &TestEnv, names: &[&str], within: Duration) -> anyhow:
     events_for_all(env, &expected, within).await.map(drop)
 }
 
-/// The worker's last log lines, for a failure message.
-fn log_tail(worker: &Process) -> String {
-    let lines = worker.log().unwrap_or_default();
-    let tail: Vec<String> = lines
-        .iter()
-        .rev()
-        .take(30)
-        .rev()
-        .map(|line| line.to_string())
-        .collect();
-    format!("the worker's log ends with:\n{}", tail.join("\n"))
+/// The last lines of the worker's log and of the emulator's, for a failure message.
+fn log_tail(env: &TestEnv, worker: &Process) -> String {
+    let last = |lines: Vec<String>, count: usize| {
+        let skip = lines.len().saturating_sub(count);
+        lines[skip..].join("\n")
+    };
+    let worker_lines = worker.log().unwrap_or_default();
+    let emulator_lines = env
+        .pubsub_log()
+        .and_then(|log| std::fs::read_to_string(log).ok())
+        .unwrap_or_default();
+    format!(
+        "the worker's log ends with:\n{}\nthe emulator's log ends with:\n{}",
+        last(worker_lines.iter().map(|line| line.to_string()).collect(), 30),
+        last(emulator_news(&emulator_lines), 40),
+    )
+}
+
+/// The emulator's log without its per-request header lines and timestamps.
+fn emulator_news(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| !line.contains("orwarding key") && !line.contains(" AM ") && !line.contains(" PM "))
+        .map(str::to_string)
+        .collect()
 }
 
 async fn publish_tracks(env: &TestEnv, names: &[&str]) -> anyhow::Result<()> {
@@ -138,7 +151,7 @@ async fn with_pubsub_unreachable_at_start_and_for_30_s_mid_run_readiness_says_wh
     // The SDK reopens the pull itself, after up to a minute of its own backoff.
     wait_stored(&env, &["early-1", "early-2"], Duration::from_secs(90))
         .await
-        .with_context(|| log_tail(&worker))?;
+        .with_context(|| log_tail(&env, &worker))?;
 
     // Mid-run: a 30 s outage.
     let warned = subscription_warnings(&worker)?.len();
@@ -157,8 +170,56 @@ async fn with_pubsub_unreachable_at_start_and_for_30_s_mid_run_readiness_says_wh
     readyz(&worker, 200, TIMEOUT).await?;
     wait_stored(&env, &["late-1", "late-2"], Duration::from_secs(90))
         .await
-        .with_context(|| log_tail(&worker))?;
+        .with_context(|| log_tail(&env, &worker))?;
 
+    worker.signal("-TERM").await?;
+    assert_eq!(worker.exit_code(TIMEOUT).await?, Some(0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_that_got_nothing_through_an_outage_is_reopened_as_soon_as_pubsub_answers()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let proxy = TcpProxy::start(&env.pubsub_endpoint, true)?;
+    let host = proxy.host();
+    let mut worker = Process::spawn(&env, &[("PUBSUB_EMULATOR_HOST", &host)])?;
+    readyz(&worker, 200, TIMEOUT).await?;
+    ensure!(worker.metric("audio_store_pull_reconnects_total").await? == Some(0.0));
+
+    proxy.cut();
+    readyz(&worker, 503, Duration::from_secs(15)).await?;
+    // The scenario: an outage is two failed probes in a row (monitor::OUTAGE_PROBES),
+    // 5 s apart; one has failed.
+    tokio::time::sleep(audio_store::monitor::PROBE_INTERVAL + Duration::from_secs(1)).await;
+    proxy.restore();
+    let restored = tokio::time::Instant::now();
+    let reopened = |worker: &Process| -> anyhow::Result<bool> {
+        Ok(worker.log()?.iter().any(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("reopening it"))
+        }))
+    };
+    wait_for("the worker to reopen its pull", TIMEOUT, || async {
+        Ok(reopened(&worker)?.then_some(()))
+    })
+    .await
+    .with_context(|| log_tail(&env, &worker))?;
+    // The next probe after the restore (5 s apart, up to 5 s each) reports it;
+    // the SDK alone may wait up to a minute.
+    ensure!(
+        restored.elapsed() < Duration::from_secs(15),
+        "reopened {:?} after the restore",
+        restored.elapsed()
+    );
+    ensure!(worker.metric("audio_store_pull_reconnects_total").await? == Some(1.0));
+
+    publish_tracks(&env, &["after"]).await?;
+    wait_stored(&env, &["after"], Duration::from_secs(60))
+        .await
+        .with_context(|| log_tail(&env, &worker))?;
     worker.signal("-TERM").await?;
     assert_eq!(worker.exit_code(TIMEOUT).await?, Some(0));
     Ok(())
