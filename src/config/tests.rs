@@ -1,0 +1,441 @@
+//! The configuration as a whole: file, environment, validation and `check-config` output.
+
+use super::environment::KeyKind;
+use super::*;
+
+fn minimal() -> Environment {
+    [
+        ("AUDIO_STORE__PUBSUB__PROJECT", "demo-project"),
+        ("AUDIO_STORE__PUBSUB__SUBSCRIPTION", "audio-in-sub"),
+        ("AUDIO_STORE__PUBSUB__STORED_TOPIC", "audio-stored"),
+        ("AUDIO_STORE__STORAGE__BUCKET", "audio-archive"),
+        ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", "/tmp"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn with(mut environment: Environment, key: &str, value: &str) -> Environment {
+    environment.insert(key.to_string(), value.to_string());
+    environment
+}
+
+#[test]
+fn environment_alone_is_a_valid_configuration() -> Result<(), ConfigError> {
+    let settings = Settings::load(None, &minimal())?;
+    assert_eq!(
+        settings.pubsub.subscription,
+        "projects/demo-project/subscriptions/audio-in-sub"
+    );
+    assert_eq!(
+        settings.pubsub.stored_topic,
+        "projects/demo-project/topics/audio-stored"
+    );
+    assert_eq!(settings.pubsub.dead_letter_topic, None);
+    assert_eq!(settings.worker.concurrency, 16);
+    assert_eq!(settings.worker.shutdown_grace, Duration::from_secs(25));
+    assert_eq!(settings.retry.initial_backoff, Duration::from_millis(200));
+    assert_eq!(settings.pubsub.endpoint, Endpoint::Google);
+    Ok(())
+}
+
+#[test]
+fn environment_overrides_the_file() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[storage]\nbucket = \"from-file\"\nstaging_buckets = [\"stage-a\"]\n",
+    )?;
+    let mut environment = with(
+        minimal(),
+        "AUDIO_STORE__STORAGE__STAGING_BUCKETS",
+        "stage-b, stage-c",
+    );
+    environment.remove("AUDIO_STORE__STORAGE__BUCKET");
+    let settings = Settings::load(Some(&path), &environment)?;
+    assert_eq!(settings.storage.bucket, "from-file");
+    assert_eq!(settings.storage.staging_buckets, vec!["stage-b", "stage-c"]);
+    let settings = Settings::load(
+        Some(&path),
+        &with(environment, "AUDIO_STORE__STORAGE__BUCKET", "from-env"),
+    )?;
+    assert_eq!(settings.storage.bucket, "from-env");
+    Ok(())
+}
+
+#[test]
+fn a_bad_value_names_its_key() {
+    let cases = [
+        ("AUDIO_STORE__WORKER__CONCURRENCY", "0", "worker.concurrency"),
+        (
+            "AUDIO_STORE__WORKER__CONCURRENCY",
+            "many",
+            "AUDIO_STORE__WORKER__CONCURRENCY",
+        ),
+        (
+            "AUDIO_STORE__WORKER__SHUTDOWN_GRACE",
+            "soon",
+            "worker.shutdown_grace",
+        ),
+        (
+            "AUDIO_STORE__STORAGE__LAYOUT",
+            "audio/{kind}{ext}",
+            "storage.layout",
+        ),
+        ("AUDIO_STORE__STORAGE__BUCKET", "Bad_Bucket!", "storage.bucket"),
+        ("AUDIO_STORE__STORAGE__BUKET", "x", "AUDIO_STORE__STORAGE__BUKET"),
+        ("AUDIO_STORE__HTTP__LISTEN", "eighty", "http.listen"),
+        ("AUDIO_STORE__LOG__FORMAT", "xml", "log.format"),
+        (
+            "AUDIO_STORE__RETRY__INITIAL_BACKOFF",
+            "1h",
+            "retry.initial_backoff",
+        ),
+        (
+            "AUDIO_STORE__PUBSUB__SUBSCRIPTION",
+            "projects/p/topics/x",
+            "pubsub.subscription",
+        ),
+        (
+            "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
+            "relative/dir",
+            "sources.local_roots[0]",
+        ),
+    ];
+    for (variable, value, key) in cases {
+        let error = Settings::load(None, &with(minimal(), variable, value))
+            .expect_err(&format!("{variable}={value} should be rejected"));
+        assert_eq!(error.key, key, "{variable}={value}: {error}");
+        assert!(!error.to_string().contains('\n'), "one line: {error}");
+    }
+}
+
+#[test]
+fn configuration_that_cannot_work_names_its_key() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("file");
+    std::fs::write(&file, "")?;
+    let missing = dir.path().join("missing");
+    let input = with(minimal(), "AUDIO_STORE__PUBSUB__TOPIC", "audio-in");
+    let cases = [
+        (
+            input.clone(),
+            "AUDIO_STORE__PUBSUB__STORED_TOPIC",
+            "audio-in",
+            "pubsub.stored_topic",
+        ),
+        (
+            input.clone(),
+            "AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC",
+            "projects/demo-project/topics/audio-in",
+            "pubsub.dead_letter_topic",
+        ),
+        (minimal(), "AUDIO_STORE__LOG__LEVEL", "verbose", "log.level"),
+        (minimal(), "AUDIO_STORE__LOG__LEVEL", "", "log.level"),
+        (
+            minimal(),
+            "AUDIO_STORE__LOG__LEVEL",
+            "audio_store=loud",
+            "log.level",
+        ),
+        (minimal(), "AUDIO_STORE__LOG__LEVEL", "=debug", "log.level"),
+        (
+            minimal(),
+            "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
+            "/",
+            "sources.local_roots[0]",
+        ),
+        (
+            minimal(),
+            "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
+            &format!("/tmp,{}", missing.display()),
+            "sources.local_roots[1]",
+        ),
+        (
+            minimal(),
+            "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
+            &file.display().to_string(),
+            "sources.local_roots[0]",
+        ),
+        (
+            minimal(),
+            "AUDIO_STORE__STORAGE__STAGING_BUCKETS",
+            "staging-a,audio-archive",
+            "storage.staging_buckets",
+        ),
+    ];
+    for (environment, variable, value, key) in cases {
+        let error = Settings::load(None, &with(environment, variable, value))
+            .expect_err(&format!("{variable}={value} should be rejected"));
+        assert_eq!(error.key, key, "{variable}={value}: {error}");
+        assert!(!error.to_string().contains('\n'), "one line: {error}");
+    }
+    Ok(())
+}
+
+#[test]
+fn log_levels_and_per_target_levels_are_accepted() -> Result<(), ConfigError> {
+    for level in [
+        "info",
+        "DEBUG",
+        "audio_store=debug,info",
+        "warn, h2=off",
+        "audio_store::worker=trace",
+    ] {
+        Settings::load(None, &with(minimal(), "AUDIO_STORE__LOG__LEVEL", level))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_missing_required_key_is_named() {
+    let mut environment = minimal();
+    environment.remove("AUDIO_STORE__STORAGE__BUCKET");
+    let error = Settings::load(None, &environment).expect_err("bucket is required");
+    assert_eq!(error.key, "storage.bucket");
+}
+
+#[test]
+fn an_unknown_key_in_the_file_is_an_error() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[storage]\nbukket = \"x\"\n")?;
+    let error = Settings::load(Some(&path), &minimal()).expect_err("unknown key");
+    assert!(error.to_string().contains("bukket"), "{error}");
+    Ok(())
+}
+
+#[test]
+fn emulator_hosts_are_honoured_when_no_endpoint_is_set() -> Result<(), ConfigError> {
+    let environment = with(minimal(), "PUBSUB_EMULATOR_HOST", "127.0.0.1:8085");
+    let environment = with(environment, "STORAGE_EMULATOR_HOST", "http://127.0.0.2");
+    let settings = Settings::load(None, &environment)?;
+    assert_eq!(
+        settings.pubsub.endpoint,
+        Endpoint::Custom {
+            url: "http://127.0.0.1:8085".into(),
+            emulator: true
+        }
+    );
+    assert_eq!(
+        settings.storage.endpoint,
+        Endpoint::Custom {
+            url: "http://127.0.0.2".into(),
+            emulator: true
+        }
+    );
+    let environment = with(
+        environment,
+        "AUDIO_STORE__PUBSUB__ENDPOINT",
+        "https://europe-west1-pubsub.googleapis.com",
+    );
+    let settings = Settings::load(None, &environment)?;
+    assert_eq!(
+        settings.pubsub.endpoint,
+        Endpoint::Custom {
+            url: "https://europe-west1-pubsub.googleapis.com".into(),
+            emulator: false
+        }
+    );
+    Ok(())
+}
+
+#[test]
+fn the_dead_letter_subscription_defaults_from_its_topic() -> Result<(), ConfigError> {
+    let settings = Settings::load(
+        None,
+        &with(minimal(), "AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC", "audio-dlq"),
+    )?;
+    assert_eq!(
+        settings.pubsub.dead_letter_topic.as_deref(),
+        Some("projects/demo-project/topics/audio-dlq")
+    );
+    assert_eq!(
+        settings.pubsub.dead_letter_subscription.as_deref(),
+        Some("projects/demo-project/subscriptions/audio-dlq-sub")
+    );
+    Ok(())
+}
+
+#[test]
+fn every_key_can_be_set_from_the_environment() -> Result<(), ConfigError> {
+    let mut environment = minimal();
+    let keys = environment::keys();
+    assert!(keys.len() >= 25, "{keys:?}");
+    for (section, key, kind) in &keys {
+        let variable = format!("{ENV_PREFIX}{}__{}", section.to_uppercase(), key.to_uppercase());
+        if environment.contains_key(&variable) {
+            continue;
+        }
+        let value = match (section.as_str(), key.as_str(), kind) {
+            (_, _, KeyKind::Integer) => "7",
+            ("storage", _, KeyKind::List) => "stage-a,stage-b",
+            (_, _, KeyKind::List) => "/tmp",
+            ("pubsub", "endpoint", _) | ("storage", "endpoint", _) => "http://127.0.0.1:1",
+            ("storage", "layout", _) => "x/{audio_id}/{kind}{ext}",
+            ("storage", "storage_class", _) => "NEARLINE",
+            ("http", "listen", _) => "127.0.0.1:9",
+            ("log", "format", _) => "pretty",
+            ("log", "level", _) => "debug",
+            ("pubsub", "ack_deadline" | "redelivery_min_backoff" | "redelivery_max_backoff", _) => "20s",
+            ("worker" | "retry", _, _) => "1s",
+            ("pubsub", "topic", _) => "input-name",
+            _ => "some-name",
+        };
+        environment.insert(variable, value.to_string());
+    }
+    let settings = Settings::load(None, &environment)?;
+    assert_eq!(settings.pubsub.max_delivery_attempts, 7);
+    assert_eq!(settings.log.format, LogFormat::Pretty);
+    assert_eq!(settings.storage.layout.template(), "x/{audio_id}/{kind}{ext}");
+    assert_eq!(settings.storage.storage_class, Some("NEARLINE"));
+    Ok(())
+}
+
+#[test]
+fn lifecycle_rules_are_checked_naming_the_entry_and_load_back() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("lifecycle.toml");
+    let load = |rules: &str| {
+        std::fs::write(&path, format!("[storage]\nbucket = \"audio-x\"\n{rules}"))?;
+        Settings::load(Some(&path), &minimal()).map_err(Box::<dyn std::error::Error>::from)
+    };
+    let settings = load(
+        "[[storage.lifecycle]]\nage_days = 90\naction = \"set_storage_class\"\nstorage_class = \"COLDLINE\"\n\
+         [[storage.lifecycle]]\nage_days = 3650\naction = \"delete\"\nmatches_prefix = [\"audio/\"]\n",
+    )?;
+    assert_eq!(
+        settings.storage.lifecycle,
+        [
+            LifecycleRule {
+                age_days: 90,
+                action: LifecycleAction::SetStorageClass("COLDLINE"),
+                matches_prefix: vec![],
+            },
+            LifecycleRule {
+                age_days: 3650,
+                action: LifecycleAction::Delete,
+                matches_prefix: vec!["audio/".into()],
+            },
+        ]
+    );
+    std::fs::write(&path, settings.effective_toml())?;
+    assert_eq!(
+        Settings::load(Some(&path), &Environment::new())?
+            .storage
+            .lifecycle,
+        settings.storage.lifecycle
+    );
+    for (rules, key) in [
+        (
+            "age_days = -1\naction = \"delete\"",
+            "storage.lifecycle[0].age_days",
+        ),
+        (
+            "age_days = 1\naction = \"archive\"",
+            "storage.lifecycle[0].action",
+        ),
+        (
+            "age_days = 1\naction = \"set_storage_class\"",
+            "storage.lifecycle[0].storage_class",
+        ),
+        (
+            "age_days = 1\naction = \"set_storage_class\"\nstorage_class = \"COLD\"",
+            "storage.lifecycle[0].storage_class",
+        ),
+        (
+            "age_days = 1\naction = \"delete\"\nstorage_class = \"COLDLINE\"",
+            "storage.lifecycle[0].storage_class",
+        ),
+        (
+            "age_days = 1\naction = \"delete\"\nmatches_prefix = [\"\"]",
+            "storage.lifecycle[0].matches_prefix[0]",
+        ),
+    ] {
+        let error = load(&format!("[[storage.lifecycle]]\n{rules}\n")).expect_err(key);
+        assert!(
+            error.to_string().starts_with(&format!("{key}: ")),
+            "{key}: {error}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_storage_class_must_be_one_gcs_knows() {
+    let error = Settings::load(
+        None,
+        &with(minimal(), "AUDIO_STORE__STORAGE__STORAGE_CLASS", "nearline"),
+    )
+    .expect_err("lowercase is not a storage class");
+    assert!(
+        error
+            .to_string()
+            .starts_with("storage.storage_class: expected one of STANDARD"),
+        "{error}"
+    );
+    let error = Settings::load(
+        None,
+        &with(
+            minimal(),
+            "AUDIO_STORE__STORAGE__LAYOUT",
+            "{audio_id}/{kind}/{meta.a b}",
+        ),
+    )
+    .expect_err("a meta key with a space");
+    assert!(
+        error.to_string().starts_with("storage.layout: {meta.a b}"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_effective_configuration_loads_back_to_the_same_values() -> Result<(), Box<dyn std::error::Error>> {
+    let settings = Settings::load(
+        None,
+        &with(minimal(), "AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC", "audio-dlq"),
+    )?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("effective.toml");
+    std::fs::write(&path, settings.effective_toml())?;
+    let reloaded = Settings::load(Some(&path), &Environment::new())?;
+    assert_eq!(reloaded.effective_toml(), settings.effective_toml());
+    Ok(())
+}
+
+#[test]
+fn a_dated_layout_gets_a_note_that_still_loads_back() -> Result<(), Box<dyn std::error::Error>> {
+    let plain = Settings::load(None, &minimal())?;
+    assert!(!plain.effective_toml().contains("# note:"));
+    let dated = Settings::load(
+        None,
+        &with(
+            minimal(),
+            "AUDIO_STORE__STORAGE__LAYOUT",
+            "{yyyy}/{mm}/{audio_id}/{kind}{ext}",
+        ),
+    )?;
+    let text = dated.effective_toml();
+    assert!(text.contains("# note: storage.layout is dated"), "{text}");
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("effective.toml");
+    std::fs::write(&path, &text)?;
+    assert_eq!(
+        Settings::load(Some(&path), &Environment::new())?.effective_toml(),
+        text
+    );
+    Ok(())
+}
+
+#[test]
+fn a_table_key_set_from_the_environment_says_it_belongs_in_the_file() {
+    let error = Settings::load(None, &with(minimal(), "AUDIO_STORE__STORAGE__LIFECYCLE", "x"))
+        .expect_err("lifecycle rules are tables");
+    assert_eq!(error.key, "AUDIO_STORE__STORAGE__LIFECYCLE");
+    assert!(
+        error.problem.contains("only be set in the configuration file"),
+        "{error}"
+    );
+}
