@@ -1,50 +1,30 @@
-//! The pipeline: everything that happens to one message, from parsing to
-//! ack and cleanup, as one function that never panics and never loses data.
-//!
-//! Order, for one message: parse → store both objects (concurrently,
-//! each verified by CRC32C) → publish the "stored" event and wait for the
-//! confirmation → ack → delete the sources. Permanent failures go to the
-//! dead-letter topic (then ack); transient ones are retried in process and
-//! finally nacked.
+//! One file of a message: checked and probed (prepare), written (commit), or
+//! recognised as stored already (recover).
 
-use crate::config::Settings;
+use super::Pipeline;
+use super::cleanup::Cleanup;
 use crate::content::{self, ContentType, MediaClass};
-use crate::dead_letter;
-use crate::error::{ErrorKind, Failure, chain};
-use crate::event::{self, EventMedia, EventSource, StoredEvent, StoredObject};
+use crate::error::{ErrorKind, Failure};
+use crate::event::{EventMedia, StoredObject};
 use crate::layout::{Date, Kind};
 use crate::media::{self, Media, Probed};
-use crate::message::{AudioMessage, Envelope};
+use crate::message::AudioMessage;
 use crate::metrics::Metrics;
-use crate::outcome::Outcome;
-use crate::pubsub::{Delivery, Outbox};
-use crate::source::{self, KeptReason, LocalContent, LocalFile, Removal, Source, SourceError, SpoolEntry};
-use crate::store::{self, NewObject, ObjectInfo, Store, Written};
-use backon::{ExponentialBuilder, Retryable as _};
+use crate::source::{self, LocalContent, LocalFile, Source, SourceError};
+use crate::store::{self, NewObject, ObjectInfo, Written};
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use tracing::{Instrument as _, info, warn};
-
-/// What processing one message needs: the archive, the event outbox and the dead-letter outbox.
-#[derive(Clone)]
-pub struct Pipeline {
-    settings: Arc<Settings>,
-    store: Store,
-    events: Outbox,
-    dead_letters: Option<Outbox>,
-    metrics: Arc<Metrics>,
-}
+use tracing::info;
 
 /// One stored file: the event's description of it, and the source to remove once acked.
 #[derive(Debug)]
-struct Part {
-    object: StoredObject,
-    written: bool,
-    cleanup: Option<Cleanup>,
+pub(super) struct Part {
+    pub(super) object: StoredObject,
+    pub(super) written: bool,
+    pub(super) cleanup: Option<Cleanup>,
 }
 
 /// One file of a message, checked and ready to store.
-enum Prepared {
+pub(super) enum Prepared {
     /// A local file, read or open.
     Local { target: Target, file: LocalFile },
     /// A staging object, looked up (its generation pinned) and probed.
@@ -54,7 +34,7 @@ enum Prepared {
 }
 
 /// The archive object a file goes to, and what the probe found in the file.
-struct Target {
+pub(super) struct Target {
     name: String,
     content_type: ContentType,
     media: Media,
@@ -73,197 +53,9 @@ impl Target {
     }
 }
 
-/// A source to delete after the ack: exactly what was read, nothing else.
-#[derive(Debug, Clone)]
-enum Cleanup {
-    Local(SpoolEntry),
-    Staging {
-        bucket: String,
-        name: String,
-        generation: i64,
-    },
-}
-
-/// The result of storing a message: the event to publish and what to clean up.
-#[derive(Debug)]
-struct Stored {
-    event: StoredEvent,
-    written: bool,
-    cleanups: Vec<Cleanup>,
-}
-
 impl Pipeline {
-    /// Assembles a pipeline from connected clients.
-    pub fn new(
-        settings: Arc<Settings>,
-        store: Store,
-        events: Outbox,
-        dead_letters: Option<Outbox>,
-        metrics: Arc<Metrics>,
-    ) -> Pipeline {
-        Pipeline {
-            settings,
-            store,
-            events,
-            dead_letters,
-            metrics,
-        }
-    }
-
-    /// Checks that the archive bucket can be reached.
-    pub async fn check_archive(&self) -> Result<(), Failure> {
-        Ok(self.store.check_bucket().await?)
-    }
-
-    /// Processes one delivered message to the end: stored and acked, dead-lettered, or nacked.
-    pub async fn handle(&self, envelope: Envelope, delivery: Delivery) -> Outcome {
-        let span = tracing::info_span!(
-            "message",
-            message_id = %envelope.message_id,
-            audio_id = tracing::field::Empty,
-            delivery_attempt = envelope.delivery_attempt,
-        );
-        let started = std::time::Instant::now();
-        let _in_flight = self.metrics.start_message();
-        let outcome = Box::pin(self.handle_in_span(envelope, delivery, started))
-            .instrument(span)
-            .await;
-        self.metrics.record(&outcome, started.elapsed());
-        outcome
-    }
-
-    async fn handle_in_span(
-        &self,
-        envelope: Envelope,
-        delivery: Delivery,
-        started: std::time::Instant,
-    ) -> Outcome {
-        let result = match AudioMessage::parse(&envelope, &self.settings.storage.staging_buckets) {
-            Ok(message) => {
-                tracing::Span::current().record("audio_id", tracing::field::display(message.audio_id));
-                self.store_with_retries(&message).await
-            }
-            Err(error) => Err(Failure::from(error)),
-        };
-        match result {
-            Ok(stored) => {
-                if let Err(error) = delivery.ack().await {
-                    // Not acked: the message comes back and identity makes the redelivery harmless.
-                    // Keep the sources so that the redelivery finds them.
-                    warn!(%error, error_kind = ErrorKind::PubsubUnavailable.as_str(), "ack not confirmed; keeping the sources");
-                    return Outcome::Nacked(ErrorKind::PubsubUnavailable);
-                }
-                self.clean_up(&stored.cleanups).await;
-                info!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    audio = %stored.event.audio.uri,
-                    thumbnail = stored.event.thumbnail.as_ref().map(|t| t.uri.as_str()),
-                    written = stored.written,
-                    "stored"
-                );
-                if stored.written {
-                    Outcome::Stored
-                } else {
-                    Outcome::AlreadyStored
-                }
-            }
-            Err(failure) if failure.is_permanent() => self.dead_letter(&envelope, delivery, &failure).await,
-            Err(failure) => {
-                warn!(
-                    error = failure.message(),
-                    error_kind = failure.kind().as_str(),
-                    "giving up for now; nacking for redelivery"
-                );
-                delivery.nack();
-                Outcome::Nacked(failure.kind())
-            }
-        }
-    }
-
-    fn backoff(&self) -> ExponentialBuilder {
-        let retry = &self.settings.retry;
-        ExponentialBuilder::default()
-            .with_min_delay(retry.initial_backoff)
-            .with_max_delay(retry.max_backoff)
-            .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
-            .with_jitter()
-    }
-
-    async fn store_with_retries(&self, message: &AudioMessage) -> Result<Stored, Failure> {
-        (|| self.store_once(message))
-            .retry(self.backoff())
-            .sleep(tokio::time::sleep)
-            .when(|failure: &Failure| !failure.is_permanent())
-            .notify(|failure: &Failure, delay| {
-                self.metrics.retried(failure.kind());
-                warn!(
-                    error = failure.message(),
-                    error_kind = failure.kind().as_str(),
-                    delay_ms = delay.as_millis() as u64,
-                    "retrying"
-                );
-            })
-            .await
-    }
-
-    /// One attempt: both parts checked, then both stored, then the confirmed event.
-    async fn store_once(&self, message: &AudioMessage) -> Result<Stored, Failure> {
-        // Names from `{meta.KEY}` need usable values: refused before anything is read or uploaded.
-        self.settings
-            .storage
-            .layout
-            .check_metadata(&message.metadata)
-            .map_err(|error| Failure::new(ErrorKind::InvalidMessage, error))?;
-        // Both sources are checked (allowed, present, right content) before anything is
-        // uploaded, so a bad thumbnail does not leave an orphaned audio object behind.
-        let thumbnail = async {
-            match &message.thumbnail {
-                Some(source) => self.prepare(message, Kind::Thumbnail, source).await.map(Some),
-                None => Ok(None),
-            }
-        };
-        let (audio, thumbnail) =
-            tokio::try_join!(self.prepare(message, Kind::Audio, &message.audio), thumbnail)?;
-        // Boxed: the SDK futures inside are large, and two of them run side by side.
-        let thumbnail = async {
-            match thumbnail {
-                Some(prepared) => Box::pin(self.commit(prepared)).await.map(Some),
-                None => Ok(None),
-            }
-        };
-        let (audio, thumbnail) = tokio::try_join!(Box::pin(self.commit(audio)), thumbnail)?;
-        let written = audio.written || thumbnail.as_ref().is_some_and(|t| t.written);
-        let cleanups = [
-            audio.cleanup.clone(),
-            thumbnail.as_ref().and_then(|t| t.cleanup.clone()),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let event = StoredEvent {
-            audio_id: message.audio_id.to_string(),
-            audio: audio.object,
-            thumbnail: thumbnail.map(|t| t.object),
-            source: EventSource {
-                message_id: message.message_id.clone(),
-                audio: message.audio_as_sent.clone(),
-                thumbnail: message.thumbnail_as_sent.clone(),
-            },
-            metadata: message.metadata.clone(),
-            stored_at: event::format_timestamp(jiff::Timestamp::now()),
-        };
-        self.events
-            .publish(event.to_json(), StoredEvent::attributes(message.audio_id))
-            .await?;
-        Ok(Stored {
-            event,
-            written,
-            cleanups,
-        })
-    }
-
     /// Checks one source: allowed, present (or already stored), the right kind of content.
-    async fn prepare(
+    pub(super) async fn prepare(
         &self,
         message: &AudioMessage,
         kind: Kind,
@@ -308,7 +100,7 @@ impl Pipeline {
     }
 
     /// Stores a prepared file, or recognises an identical object as stored.
-    async fn commit(&self, prepared: Prepared) -> Result<Part, Failure> {
+    pub(super) async fn commit(&self, prepared: Prepared) -> Result<Part, Failure> {
         match prepared {
             Prepared::Stored(part) => Ok(part),
             Prepared::Local { target, file } => {
@@ -511,128 +303,6 @@ impl Pipeline {
             )
             .map_err(|error| Failure::new(ErrorKind::InvalidMessage, error))
     }
-
-    /// Deletes the sources; failures are logged, never fatal (the data is safe in the archive).
-    ///
-    /// A local source is removed only if its directory entry still is the very
-    /// file that was read and stored (see [`SpoolEntry::remove`]); otherwise it
-    /// is kept, and counted.
-    async fn clean_up(&self, cleanups: &[Cleanup]) {
-        let local: Vec<SpoolEntry> = cleanups
-            .iter()
-            .filter_map(|cleanup| match cleanup {
-                Cleanup::Local(entry) => Some(entry.clone()),
-                Cleanup::Staging { .. } => None,
-            })
-            .collect();
-        // The local files go in one trip to the blocking pool.
-        if !local.is_empty() {
-            let removals = tokio::task::spawn_blocking(move || {
-                local
-                    .into_iter()
-                    .map(|entry| {
-                        let removal = entry.remove();
-                        (entry, removal)
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await;
-            match removals {
-                Ok(removals) => {
-                    for (entry, removal) in removals {
-                        self.report_removal(&entry, removal);
-                    }
-                }
-                Err(error) => warn!(%error, "stored and acked, but removing the sources failed"),
-            }
-        }
-        for cleanup in cleanups {
-            if let Cleanup::Staging {
-                bucket,
-                name,
-                generation,
-            } = cleanup
-                && let Err(error) = self.store.delete(bucket, name, *generation).await
-            {
-                warn!(%error, "stored and acked, but the source could not be removed");
-            }
-        }
-    }
-
-    fn report_removal(&self, entry: &SpoolEntry, removal: std::io::Result<Removal>) {
-        let path = entry.path().display();
-        match removal {
-            Ok(Removal::Removed) => {}
-            Ok(Removal::Gone) => info!(source = %path, "stored and acked; the source was already gone"),
-            Ok(Removal::Moved) => {
-                self.metrics.source_kept(KeptReason::Replaced);
-                warn!(
-                    source = %path,
-                    reason = KeptReason::Replaced.as_str(),
-                    "stored and acked, but the source was kept: its directory is no longer where it was beneath the root"
-                );
-            }
-            Ok(Removal::Kept {
-                reason,
-                found,
-                left_as,
-            }) => {
-                self.metrics.source_kept(reason);
-                let why = match reason {
-                    KeptReason::Replaced => "another file took its name after it was read",
-                    KeptReason::Changed => "it changed after it was read",
-                };
-                warn!(
-                    source = %path,
-                    reason = reason.as_str(),
-                    stored = %entry.identity(),
-                    found = %found,
-                    left_as = left_as.as_ref().map(|aside| aside.display().to_string()),
-                    "stored and acked, but the source was kept: {why}; what was stored is what was read"
-                );
-            }
-            Err(error) => {
-                warn!(source = %path, %error, "stored and acked, but the source could not be removed")
-            }
-        }
-    }
-
-    async fn dead_letter(&self, envelope: &Envelope, delivery: Delivery, failure: &Failure) -> Outcome {
-        let kind = failure.kind();
-        let Some(outbox) = &self.dead_letters else {
-            warn!(
-                error = failure.message(),
-                error_kind = kind.as_str(),
-                "permanent failure and no dead-letter topic; nacking"
-            );
-            delivery.nack();
-            return Outcome::Nacked(kind);
-        };
-        let copy = dead_letter::copy(envelope, failure);
-        if copy.data.len() < envelope.data.len() {
-            warn!(
-                bytes = envelope.data.len(),
-                "the dead-letter copy goes without its data: the message would exceed Pub/Sub's size limit"
-            );
-        }
-        let publish = || outbox.publish(copy.data.clone(), copy.attributes.clone());
-        let published = publish.retry(self.backoff()).sleep(tokio::time::sleep).await;
-        if let Err(error) = published {
-            warn!(error = %chain(&error), error_kind = kind.as_str(), "dead-letter publish failed; nacking");
-            delivery.nack();
-            return Outcome::Nacked(ErrorKind::PubsubUnavailable);
-        }
-        if let Err(error) = delivery.ack().await {
-            warn!(%error, "dead-lettered but the ack was not confirmed; it will come back");
-        }
-        warn!(
-            error = failure.message(),
-            error_kind = kind.as_str(),
-            topic = outbox.topic(),
-            "dead-lettered"
-        );
-        Outcome::DeadLettered(kind)
-    }
 }
 
 /// CRC32C of a local source, for comparing with an existing object: the one
@@ -791,7 +461,7 @@ mod tests {
     #[tokio::test]
     async fn content_must_match_the_kind() {
         let source = Source::Local("/spool/a.wav".into());
-        let png = bytes::Bytes::from_static(include_bytes!("../tests/fixtures/media/png.png"));
+        let png = bytes::Bytes::from_static(include_bytes!("../../tests/fixtures/media/png.png"));
         let size = png.len() as u64;
         let failure = probe(Kind::Audio, &source, ProbeInput::Bytes(png.clone()), size)
             .await

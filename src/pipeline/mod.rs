@@ -1,0 +1,258 @@
+//! The pipeline: everything that happens to one message, from parsing to
+//! ack and cleanup, as one function that never panics and never loses data.
+//!
+//! Order, for one message: parse → store both objects (concurrently,
+//! each verified by CRC32C) → publish the "stored" event and wait for the
+//! confirmation → ack → delete the sources. Permanent failures go to the
+//! dead-letter topic (then ack); transient ones are retried in process and
+//! finally nacked.
+
+//!
+//! The files: this one (one message: settle, retry, dead-letter), `part.rs`
+//! (one file of a message: prepare, commit, recover), `cleanup.rs` (removing
+//! the sources after the ack).
+
+mod cleanup;
+mod part;
+
+use cleanup::Cleanup;
+
+use crate::config::Settings;
+use crate::dead_letter;
+use crate::error::{ErrorKind, Failure, chain};
+use crate::event::{self, EventSource, StoredEvent};
+use crate::layout::Kind;
+use crate::message::{AudioMessage, Envelope};
+use crate::metrics::Metrics;
+use crate::outcome::Outcome;
+use crate::pubsub::{Delivery, Outbox};
+use crate::store::Store;
+use backon::{ExponentialBuilder, Retryable as _};
+use std::sync::Arc;
+use tracing::{Instrument as _, info, warn};
+
+/// What processing one message needs: the archive, the event outbox and the dead-letter outbox.
+#[derive(Clone)]
+pub struct Pipeline {
+    settings: Arc<Settings>,
+    store: Store,
+    events: Outbox,
+    dead_letters: Option<Outbox>,
+    metrics: Arc<Metrics>,
+}
+
+/// The result of storing a message: the event to publish and what to clean up.
+#[derive(Debug)]
+struct Stored {
+    event: StoredEvent,
+    written: bool,
+    cleanups: Vec<Cleanup>,
+}
+
+impl Pipeline {
+    /// Assembles a pipeline from connected clients.
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        events: Outbox,
+        dead_letters: Option<Outbox>,
+        metrics: Arc<Metrics>,
+    ) -> Pipeline {
+        Pipeline {
+            settings,
+            store,
+            events,
+            dead_letters,
+            metrics,
+        }
+    }
+
+    /// Checks that the archive bucket can be reached.
+    pub async fn check_archive(&self) -> Result<(), Failure> {
+        Ok(self.store.check_bucket().await?)
+    }
+
+    /// Processes one delivered message to the end: stored and acked, dead-lettered, or nacked.
+    pub async fn handle(&self, envelope: Envelope, delivery: Delivery) -> Outcome {
+        let span = tracing::info_span!(
+            "message",
+            message_id = %envelope.message_id,
+            audio_id = tracing::field::Empty,
+            delivery_attempt = envelope.delivery_attempt,
+        );
+        let started = std::time::Instant::now();
+        let _in_flight = self.metrics.start_message();
+        let outcome = Box::pin(self.handle_in_span(envelope, delivery, started))
+            .instrument(span)
+            .await;
+        self.metrics.record(&outcome, started.elapsed());
+        outcome
+    }
+
+    async fn handle_in_span(
+        &self,
+        envelope: Envelope,
+        delivery: Delivery,
+        started: std::time::Instant,
+    ) -> Outcome {
+        let result = match AudioMessage::parse(&envelope, &self.settings.storage.staging_buckets) {
+            Ok(message) => {
+                tracing::Span::current().record("audio_id", tracing::field::display(message.audio_id));
+                self.store_with_retries(&message).await
+            }
+            Err(error) => Err(Failure::from(error)),
+        };
+        match result {
+            Ok(stored) => {
+                if let Err(error) = delivery.ack().await {
+                    // Not acked: the message comes back and identity makes the redelivery harmless.
+                    // Keep the sources so that the redelivery finds them.
+                    warn!(%error, error_kind = ErrorKind::PubsubUnavailable.as_str(), "ack not confirmed; keeping the sources");
+                    return Outcome::Nacked(ErrorKind::PubsubUnavailable);
+                }
+                self.clean_up(&stored.cleanups).await;
+                info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    audio = %stored.event.audio.uri,
+                    thumbnail = stored.event.thumbnail.as_ref().map(|t| t.uri.as_str()),
+                    written = stored.written,
+                    "stored"
+                );
+                if stored.written {
+                    Outcome::Stored
+                } else {
+                    Outcome::AlreadyStored
+                }
+            }
+            Err(failure) if failure.is_permanent() => self.dead_letter(&envelope, delivery, &failure).await,
+            Err(failure) => {
+                warn!(
+                    error = failure.message(),
+                    error_kind = failure.kind().as_str(),
+                    "giving up for now; nacking for redelivery"
+                );
+                delivery.nack();
+                Outcome::Nacked(failure.kind())
+            }
+        }
+    }
+
+    fn backoff(&self) -> ExponentialBuilder {
+        let retry = &self.settings.retry;
+        ExponentialBuilder::default()
+            .with_min_delay(retry.initial_backoff)
+            .with_max_delay(retry.max_backoff)
+            .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
+            .with_jitter()
+    }
+
+    async fn store_with_retries(&self, message: &AudioMessage) -> Result<Stored, Failure> {
+        (|| self.store_once(message))
+            .retry(self.backoff())
+            .sleep(tokio::time::sleep)
+            .when(|failure: &Failure| !failure.is_permanent())
+            .notify(|failure: &Failure, delay| {
+                self.metrics.retried(failure.kind());
+                warn!(
+                    error = failure.message(),
+                    error_kind = failure.kind().as_str(),
+                    delay_ms = delay.as_millis() as u64,
+                    "retrying"
+                );
+            })
+            .await
+    }
+
+    /// One attempt: both parts checked, then both stored, then the confirmed event.
+    async fn store_once(&self, message: &AudioMessage) -> Result<Stored, Failure> {
+        // Names from `{meta.KEY}` need usable values: refused before anything is read or uploaded.
+        self.settings
+            .storage
+            .layout
+            .check_metadata(&message.metadata)
+            .map_err(|error| Failure::new(ErrorKind::InvalidMessage, error))?;
+        // Both sources are checked (allowed, present, right content) before anything is
+        // uploaded, so a bad thumbnail does not leave an orphaned audio object behind.
+        let thumbnail = async {
+            match &message.thumbnail {
+                Some(source) => self.prepare(message, Kind::Thumbnail, source).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (audio, thumbnail) =
+            tokio::try_join!(self.prepare(message, Kind::Audio, &message.audio), thumbnail)?;
+        // Boxed: the SDK futures inside are large, and two of them run side by side.
+        let thumbnail = async {
+            match thumbnail {
+                Some(prepared) => Box::pin(self.commit(prepared)).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (audio, thumbnail) = tokio::try_join!(Box::pin(self.commit(audio)), thumbnail)?;
+        let written = audio.written || thumbnail.as_ref().is_some_and(|t| t.written);
+        let cleanups = [
+            audio.cleanup.clone(),
+            thumbnail.as_ref().and_then(|t| t.cleanup.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let event = StoredEvent {
+            audio_id: message.audio_id.to_string(),
+            audio: audio.object,
+            thumbnail: thumbnail.map(|t| t.object),
+            source: EventSource {
+                message_id: message.message_id.clone(),
+                audio: message.audio_as_sent.clone(),
+                thumbnail: message.thumbnail_as_sent.clone(),
+            },
+            metadata: message.metadata.clone(),
+            stored_at: event::format_timestamp(jiff::Timestamp::now()),
+        };
+        self.events
+            .publish(event.to_json(), StoredEvent::attributes(message.audio_id))
+            .await?;
+        Ok(Stored {
+            event,
+            written,
+            cleanups,
+        })
+    }
+
+    async fn dead_letter(&self, envelope: &Envelope, delivery: Delivery, failure: &Failure) -> Outcome {
+        let kind = failure.kind();
+        let Some(outbox) = &self.dead_letters else {
+            warn!(
+                error = failure.message(),
+                error_kind = kind.as_str(),
+                "permanent failure and no dead-letter topic; nacking"
+            );
+            delivery.nack();
+            return Outcome::Nacked(kind);
+        };
+        let copy = dead_letter::copy(envelope, failure);
+        if copy.data.len() < envelope.data.len() {
+            warn!(
+                bytes = envelope.data.len(),
+                "the dead-letter copy goes without its data: the message would exceed Pub/Sub's size limit"
+            );
+        }
+        let publish = || outbox.publish(copy.data.clone(), copy.attributes.clone());
+        let published = publish.retry(self.backoff()).sleep(tokio::time::sleep).await;
+        if let Err(error) = published {
+            warn!(error = %chain(&error), error_kind = kind.as_str(), "dead-letter publish failed; nacking");
+            delivery.nack();
+            return Outcome::Nacked(ErrorKind::PubsubUnavailable);
+        }
+        if let Err(error) = delivery.ack().await {
+            warn!(%error, "dead-lettered but the ack was not confirmed; it will come back");
+        }
+        warn!(
+            error = failure.message(),
+            error_kind = kind.as_str(),
+            topic = outbox.topic(),
+            "dead-lettered"
+        );
+        Outcome::DeadLettered(kind)
+    }
+}
