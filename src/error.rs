@@ -3,7 +3,7 @@
 //! error kinds used in logs, metrics and dead-letter attributes.
 
 use crate::message::MessageError;
-use crate::pubsub::PubsubError;
+use crate::pubsub::{PubsubCause, PubsubError};
 use crate::source::SourceError;
 use crate::store::{StoreCause, StoreError};
 use std::fmt;
@@ -231,6 +231,51 @@ impl From<PubsubError> for Failure {
     fn from(error: PubsubError) -> Failure {
         Failure::new(ErrorKind::PubsubUnavailable, chain(&error))
     }
+}
+
+impl From<PubsubCause> for Failure {
+    fn from(cause: PubsubCause) -> Failure {
+        Failure::new(ErrorKind::PubsubUnavailable, chain(&cause))
+    }
+}
+
+/// What the pipeline found wrong with one message or one of its files, in its
+/// own words; the kind, and with it retry or dead-letter, is decided here.
+#[derive(Debug)]
+pub enum Problem {
+    /// The message's metadata breaks the layout's or Cloud Storage's rules: permanent.
+    InvalidMetadata(String),
+    /// A source is gone and nothing is stored for it: permanent (an operator
+    /// restores the file and replays the dead letter).
+    SourceGone(String),
+    /// An object of this identity holds other content: permanent.
+    OtherContent(String),
+    /// A file is not what its kind needs (not playable audio, not an image): permanent.
+    NotMedia(String),
+    /// The probe could not run to its end (its task failed): transient.
+    ProbeFailed(String),
+    /// Cloud Storage said an object exists, then did not find it: transient.
+    StorageInconsistent(String),
+}
+
+impl From<Problem> for Failure {
+    fn from(problem: Problem) -> Failure {
+        match problem {
+            Problem::InvalidMetadata(what) => Failure::new(ErrorKind::InvalidMessage, what),
+            Problem::SourceGone(what) => Failure::new(ErrorKind::SourceMissing, what),
+            Problem::OtherContent(what) => Failure::new(ErrorKind::IdConflict, what),
+            Problem::NotMedia(what) => Failure::new(ErrorKind::BadContent, what),
+            Problem::ProbeFailed(what) => Failure::new(ErrorKind::SourceUnreadable, what),
+            Problem::StorageInconsistent(what) => Failure::new(ErrorKind::StorageUnavailable, what),
+        }
+    }
+}
+
+/// Whether a Pub/Sub failure ends a command instead of being retried: a
+/// topic or subscription that does not exist cannot start to exist by
+/// retrying (a configuration error, exit 2).
+pub fn ends_the_run(error: &PubsubError) -> bool {
+    error.is_not_found()
 }
 
 #[cfg(test)]

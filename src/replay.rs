@@ -17,7 +17,7 @@
 
 use crate::config::Settings;
 use crate::dead_letter;
-use crate::error::{ErrorKind, chain};
+use crate::error::{self, ErrorKind, chain};
 use crate::message::Envelope;
 use crate::pubsub::{self, Delivery, Inbox, Outbox, PubsubError};
 use serde::Serialize;
@@ -208,7 +208,7 @@ pub async fn run(
         }
         let next = match tokio::time::timeout(options.idle, inbox.next()).await {
             Err(_) | Ok(None) => break Ok(()), // idle for `options.idle`: drained
-            Ok(Some(Err(error))) if error.is_not_found() => {
+            Ok(Some(Err(error))) if error::ends_the_run(&error) => {
                 break Err(ReplayError::NoSubscription(options.subscription.clone()));
             }
             Ok(Some(Err(error))) => break Err(error.into()),
@@ -270,7 +270,7 @@ pub async fn run(
                         summary.failed += 1;
                     }
                 },
-                Err(error) if error.is_not_found() => {
+                Err(error) if error::ends_the_run(&error) => {
                     held.push(delivery);
                     break Err(ReplayError::NoTopic(options.topic.clone()));
                 }

@@ -19,7 +19,7 @@ use cleanup::Cleanup;
 
 use crate::config::Settings;
 use crate::dead_letter;
-use crate::error::{ErrorKind, Failure, chain};
+use crate::error::{Failure, Problem};
 use crate::event::{self, EventSource, StoredEvent};
 use crate::layout::Kind;
 use crate::message::{AudioMessage, Envelope};
@@ -107,8 +107,13 @@ impl Pipeline {
                 if let Err(error) = delivery.ack().await {
                     // Not acked: the message comes back and identity makes the redelivery harmless.
                     // Keep the sources so that the redelivery finds them.
-                    warn!(%error, error_kind = ErrorKind::PubsubUnavailable.as_str(), "ack not confirmed; keeping the sources");
-                    return Outcome::Nacked(ErrorKind::PubsubUnavailable);
+                    let failure = Failure::from(error);
+                    warn!(
+                        error = failure.message(),
+                        error_kind = failure.kind().as_str(),
+                        "ack not confirmed; keeping the sources"
+                    );
+                    return Outcome::Nacked(failure.kind());
                 }
                 self.clean_up(&stored.cleanups).await;
                 info!(
@@ -170,7 +175,7 @@ impl Pipeline {
             .storage
             .layout
             .check_metadata(&message.metadata)
-            .map_err(|error| Failure::new(ErrorKind::InvalidMessage, error))?;
+            .map_err(|error| Failure::from(Problem::InvalidMetadata(error.to_string())))?;
         // Both sources are checked (allowed, present, right content) before anything is
         // uploaded, so a bad thumbnail does not leave an orphaned audio object behind.
         let thumbnail = async {
@@ -240,9 +245,14 @@ impl Pipeline {
         let publish = || outbox.publish(copy.data.clone(), copy.attributes.clone());
         let published = publish.retry(self.backoff()).sleep(tokio::time::sleep).await;
         if let Err(error) = published {
-            warn!(error = %chain(&error), error_kind = kind.as_str(), "dead-letter publish failed; nacking");
+            let failure = Failure::from(error);
+            warn!(
+                error = failure.message(),
+                error_kind = kind.as_str(),
+                "dead-letter publish failed; nacking"
+            );
             delivery.nack();
-            return Outcome::Nacked(ErrorKind::PubsubUnavailable);
+            return Outcome::Nacked(failure.kind());
         }
         if let Err(error) = delivery.ack().await {
             warn!(%error, "dead-lettered but the ack was not confirmed; it will come back");

@@ -4,7 +4,7 @@
 use super::Pipeline;
 use super::cleanup::Cleanup;
 use crate::content::{self, ContentType, MediaClass};
-use crate::error::{ErrorKind, Failure};
+use crate::error::{Failure, Problem};
 use crate::event::{EventMedia, StoredObject};
 use crate::layout::{Date, Kind};
 use crate::media::{self, Media, Probed};
@@ -220,10 +220,7 @@ impl Pipeline {
         };
         let Some((existing, content_type)) = found.into_iter().flatten().find(|(existing, _)| ours(existing))
         else {
-            return Err(Failure::new(
-                ErrorKind::SourceMissing,
-                format!("{kind}: {what} does not exist"),
-            ));
+            return Err(Problem::SourceGone(format!("{kind}: {what} does not exist")).into());
         };
         info!(object = %store::uri(&existing.bucket, &existing.name), %kind, "source gone but object stored: a redelivery after cleanup");
         // The event says what the file holds, as the first one did: probe the stored object.
@@ -254,15 +251,12 @@ impl Pipeline {
         cleanup: Option<Cleanup>,
     ) -> Result<Part, Failure> {
         if existing.crc32c != source_crc32c {
-            return Err(Failure::new(
-                ErrorKind::IdConflict,
-                format!(
-                    "{} exists with different content (crc32c {} there, {} in the source)",
-                    store::uri(&existing.bucket, &existing.name),
-                    store::crc32c_base64(existing.crc32c),
-                    store::crc32c_base64(source_crc32c)
-                ),
-            ));
+            return Err(Failure::from(Problem::OtherContent(format!(
+                "{} exists with different content (crc32c {} there, {} in the source)",
+                store::uri(&existing.bucket, &existing.name),
+                store::crc32c_base64(existing.crc32c),
+                store::crc32c_base64(source_crc32c)
+            ))));
         }
         Ok(Part {
             object: stored_object(existing, target.content_type, &target.media, target.storage_class),
@@ -273,13 +267,10 @@ impl Pipeline {
 
     async fn archived_after_conflict(&self, name: &str) -> Result<ObjectInfo, Failure> {
         self.store.archived(name).await?.ok_or_else(|| {
-            Failure::new(
-                ErrorKind::StorageUnavailable,
-                format!(
-                    "{} reported as existing but not found",
-                    store::uri(self.store.bucket(), name)
-                ),
-            )
+            Failure::from(Problem::StorageInconsistent(format!(
+                "{} reported as existing but not found",
+                store::uri(self.store.bucket(), name)
+            )))
         })
     }
 
@@ -301,7 +292,7 @@ impl Pipeline {
                 Date::of(message.published),
                 &message.metadata,
             )
-            .map_err(|error| Failure::new(ErrorKind::InvalidMessage, error))
+            .map_err(|error| Failure::from(Problem::InvalidMetadata(error.to_string())))
     }
 }
 
@@ -357,12 +348,11 @@ async fn probe(kind: Kind, source: &Source, input: ProbeInput, size: u64) -> Res
     })
     .await
     .map_err(|error| {
-        Failure::new(
-            ErrorKind::SourceUnreadable,
-            format!("{kind}: {source}: the probe failed: {error}"),
-        )
+        Failure::from(Problem::ProbeFailed(format!(
+            "{kind}: {source}: the probe failed: {error}"
+        )))
     })?;
-    probed.map_err(|reason| Failure::new(ErrorKind::BadContent, format!("{kind}: {source} {reason}")))
+    probed.map_err(|reason| Failure::from(Problem::NotMedia(format!("{kind}: {source} {reason}"))))
 }
 
 /// Probes an opened local file: its bytes in memory, or a duplicate of its
@@ -409,12 +399,9 @@ fn object_metadata(
     metadata.insert("source-message-id".into(), message.message_id.clone());
     let bytes: usize = metadata.iter().map(|(key, value)| key.len() + value.len()).sum();
     if bytes > MAX_OBJECT_METADATA_BYTES {
-        return Err(Failure::new(
-            ErrorKind::InvalidMessage,
-            format!(
-                "{kind}: the object metadata would be {bytes} bytes (the message's metadata plus source-uri and the other reserved keys), more than the {MAX_OBJECT_METADATA_BYTES} Cloud Storage allows"
-            ),
-        ));
+        return Err(Failure::from(Problem::InvalidMetadata(format!(
+            "{kind}: the object metadata would be {bytes} bytes (the message's metadata plus source-uri and the other reserved keys), more than the {MAX_OBJECT_METADATA_BYTES} Cloud Storage allows"
+        ))));
     }
     Ok(metadata)
 }
@@ -457,6 +444,7 @@ fn stored_object(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     #[tokio::test]
     async fn content_must_match_the_kind() {

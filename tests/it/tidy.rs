@@ -177,3 +177,19 @@ fn the_top_level_modules_import_each_other_without_a_cycle() -> anyhow::Result<(
     }
     Ok(())
 }
+
+#[test]
+fn only_the_error_module_turns_a_problem_into_a_failure_of_some_kind() -> anyhow::Result<()> {
+    let mut offences = Vec::new();
+    for (module, text) in sources()? {
+        // Unit tests may build failures to check how they are handled.
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for (line_number, line) in code_lines(code) {
+            if line.contains("Failure::new(") && module != "error" {
+                offences.push(format!("src/{module}.rs:{line_number}: {}", line.trim()));
+            }
+        }
+    }
+    assert!(offences.is_empty(), "{offences:#?}");
+    Ok(())
+}
