@@ -179,7 +179,7 @@ def local_roots(toml_text, env):
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def check_config(report, binary, toml_text, config_file, env, roots):
+def check_config(report, binary, toml_text, config_name, env, roots):
     """Runs `audio-store check-config` on the ConfigMap's file with the pod's environment.
 
     Returns the effective configuration (check-config prints it as TOML), or
@@ -194,7 +194,7 @@ def check_config(report, binary, toml_text, config_file, env, roots):
     pod's volumes is checked against the Deployment's mounts instead.
     """
     with tempfile.TemporaryDirectory(prefix="lint-deploy-") as tmp:
-        path = Path(tmp) / config_file
+        path = Path(tmp) / "config.toml"
         path.write_text(toml_text)
         run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         run_env.update(env)
@@ -209,7 +209,7 @@ def check_config(report, binary, toml_text, config_file, env, roots):
                 stand_ins.append(json.dumps(str(root)))
             run_env["AUDIO_STORE__SOURCES__LOCAL_ROOTS"] = f"[{', '.join(stand_ins)}]"
         result = subprocess.run([binary, "check-config"], env=run_env, cwd=tmp, capture_output=True, text=True, timeout=60)
-    problem = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+    problem = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1].replace(str(path), config_name)
     if not report.check(result.returncode == 0, "`audio-store check-config` accepts the ConfigMap's file with the "
                         "Deployment's environment (local roots stood in for)", problem):
         return None
@@ -282,7 +282,7 @@ def check_render(report, label, docs, overlay, facts, binary, keda):
     if not report.check(toml_text is not None, f"ConfigMap {cm_name} has the key {config_file}"):
         return
     roots = local_roots(toml_text, env)
-    cfg = check_config(report, binary, toml_text, config_file, env, roots)
+    cfg = check_config(report, binary, toml_text, f"ConfigMap {cm_name}/{config_file}", env, roots)
     if cfg is None:
         return
 
@@ -302,9 +302,10 @@ def check_render(report, label, docs, overlay, facts, binary, keda):
     for root in roots or []:
         covering = [p for p in mounts if root == p or root.startswith(p.rstrip("/") + "/")]
         m = mounts[max(covering, key=len)] if covering else {}
+        why = f"it is on the mount {m.get('mountPath')}" if m else "no volumeMount of the container holds it"
         report.check(m and not m.get("readOnly") and m is not tmp_mount,
                      f"sources.local_roots {root} is on a writable volume of its own "
-                     "(sources are deleted once stored)", f"mount: {m.get('mountPath')}")
+                     "(sources are deleted once stored)", why)
 
     # The ServiceAccount (Workload Identity).
     sa_name = pod.get("serviceAccountName")
