@@ -134,12 +134,14 @@ def check_sources(report):
     files = sorted((ROOT / "k8s" / "base").glob("*.yaml")) + sorted((ROOT / "k8s" / "overlays").glob("*/*.yaml"))
     for path in files:
         first = path.read_text().lstrip().splitlines()[:1]
-        report.check(first and first[0].startswith("#"), f"{path.relative_to(ROOT)} starts with a comment saying what it is for")
+        report.check(first and first[0].startswith("#"),
+                     f"{path.relative_to(ROOT)} starts with a comment saying what it is for")
     base = ROOT / "k8s" / "base"
     listed = set(yaml.safe_load((base / "kustomization.yaml").read_text()).get("resources", []))
     for path in sorted(base.glob("*.yaml")):
         if path.name != "kustomization.yaml":
-            report.check(path.name in listed, f"k8s/base/{path.name} is listed in k8s/base/kustomization.yaml resources")
+            report.check(path.name in listed,
+                         f"k8s/base/{path.name} is listed in k8s/base/kustomization.yaml resources")
 
 
 def check_dockerfile(report, facts):
@@ -208,7 +210,8 @@ def check_config(report, binary, toml_text, config_name, env, roots):
                     root = str(stand_in)
                 stand_ins.append(json.dumps(str(root)))
             run_env["AUDIO_STORE__SOURCES__LOCAL_ROOTS"] = f"[{', '.join(stand_ins)}]"
-        result = subprocess.run([binary, "check-config"], env=run_env, cwd=tmp, capture_output=True, text=True, timeout=60)
+        result = subprocess.run([binary, "check-config"], env=run_env, cwd=tmp,
+                                capture_output=True, text=True, timeout=60)
     problem = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1].replace(str(path), config_name)
     if not report.check(result.returncode == 0, "`audio-store check-config` accepts the ConfigMap's file with the "
                         "Deployment's environment (local roots stood in for)", problem):
@@ -248,7 +251,8 @@ def check_render(report, label, docs, overlay, facts, binary, keda):
     http_port = next((p for p in c.get("ports", []) if p.get("name") == "http"), None)
     port = get(http_port, "containerPort")
     report.check(port, "the container has a port named http")
-    report.check(str(port) in facts["expose"], f"the Dockerfile EXPOSEs the http port ({port})", f"EXPOSE {facts['expose']}")
+    report.check(str(port) in facts["expose"], f"the Dockerfile EXPOSEs the http port ({port})",
+                 f"EXPOSE {facts['expose']}")
     for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         http_get = get(c, probe, "httpGet", default={})
         report.check(http_get.get("path") == path and port and container_port(c, http_get.get("port")) == port,
@@ -259,7 +263,8 @@ def check_render(report, label, docs, overlay, facts, binary, keda):
     volumes = {v.get("name"): v for v in pod.get("volumes", [])}
     mounts = {m.get("mountPath"): m for m in c.get("volumeMounts", [])}
     for m in mounts.values():
-        report.check(m.get("name") in volumes, f"volumeMount {m.get('mountPath')} names a volume of the pod ({m.get('name')})")
+        report.check(m.get("name") in volumes,
+                     f"volumeMount {m.get('mountPath')} names a volume of the pod ({m.get('name')})")
     env = {}
     for var in c.get("env", []):
         if "value" in var:
@@ -267,10 +272,12 @@ def check_render(report, label, docs, overlay, facts, binary, keda):
         elif var.get("name", "").startswith("AUDIO_STORE"):
             report.note(f"{var['name']} comes from valueFrom: check-config runs without it")
     tmp_mount = mounts.get(env.get("TMPDIR", "/tmp"))
-    report.check(env.get("TMPDIR") == "/tmp" and tmp_mount and "emptyDir" in volumes.get(tmp_mount.get("name"), {})
-                 and not tmp_mount.get("readOnly"), "TMPDIR=/tmp is a writable emptyDir (the root filesystem is read-only)")
+    report.check(env.get("TMPDIR") == "/tmp" and tmp_mount and not tmp_mount.get("readOnly")
+                 and "emptyDir" in volumes.get(tmp_mount.get("name"), {}),
+                 "TMPDIR=/tmp is a writable emptyDir (the root filesystem is read-only)")
     config_path = env.get("AUDIO_STORE_CONFIG", "")
-    report.check(config_path == facts["config"], "AUDIO_STORE_CONFIG is the Dockerfile's", f"{config_path} vs {facts['config']}")
+    report.check(config_path == facts["config"], "AUDIO_STORE_CONFIG is the Dockerfile's",
+                 f"{config_path} vs {facts['config']}")
     config_dir, _, config_file = config_path.rpartition("/")
     cm_mount = mounts.get(config_dir)
     cm_name = get(volumes.get(get(cm_mount, "name")) or {}, "configMap", "name")
@@ -292,7 +299,8 @@ def check_render(report, label, docs, overlay, facts, binary, keda):
     report.check(listen_port == str(port) and host.strip("[]") not in ("127.0.0.1", "localhost", "::1"),
                  f"http.listen ({listen}) serves the container's http port ({port}) beyond loopback",
                  "the probes and the scraper could not reach it")
-    report.check(get(cfg, "log", "format") == "json", "log.format is json (one JSON object per line for the cluster's logging)")
+    report.check(get(cfg, "log", "format") == "json",
+                 "log.format is json (one JSON object per line for the cluster's logging)")
     grace_text = get(cfg, "worker", "shutdown_grace", default="")
     grace = seconds(grace_text)
     tgps = pod.get("terminationGracePeriodSeconds", 30)
@@ -338,8 +346,9 @@ def check_render(report, label, docs, overlay, facts, binary, keda):
         report.check(selects(get(pm, "spec", "selector", "matchLabels"), pod_labels),
                      "the PodMonitoring selects the Deployment's pods")
         endpoints = get(pm, "spec", "endpoints", default=[])
-        report.check(endpoints and all(container_port(c, e.get("port")) == port and e.get("path", "/metrics") == "/metrics"
-                                       for e in endpoints), "the PodMonitoring scrapes /metrics on the http port")
+        scraped = [(container_port(c, e.get("port")), e.get("path", "/metrics")) for e in endpoints]
+        report.check(scraped and all(s == (port, "/metrics") for s in scraped),
+                     "the PodMonitoring scrapes /metrics on the http port", f"it scrapes {scraped}")
 
     # The ScaledObject and its TriggerAuthentication.
     if not so:
@@ -356,8 +365,8 @@ def check_render(report, label, docs, overlay, facts, binary, keda):
     subscription = str(get(cfg, "pubsub", "subscription", default="")).rpartition("/")[2]
     for i, trigger in enumerate(triggers):
         md = trigger.get("metadata", {})
-        report.check(trigger.get("type") == "prometheus", f"trigger {i} is prometheus (KEDA's gcp-pubsub is deprecated)",
-                     f"got {trigger.get('type')}")
+        report.check(trigger.get("type") == "prometheus",
+                     f"trigger {i} is prometheus (KEDA's gcp-pubsub is deprecated)", f"got {trigger.get('type')}")
         address = GMP_PROMQL.match(md.get("serverAddress", ""))
         report.check(address, f"trigger {i} queries Cloud Monitoring's PromQL endpoint ({md.get('serverAddress')})")
         if overlay:
