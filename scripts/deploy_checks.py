@@ -336,6 +336,8 @@ def check_render(report, label, docs, overlay, facts, binary, keda):
     if pdb:
         spec = pdb.get("spec", {})
         report.check(selects(get(spec, "selector", "matchLabels"), pod_labels), "the PDB selects the Deployment's pods")
+        report.check(("minAvailable" in spec) != ("maxUnavailable" in spec),
+                     "the PDB sets one of minAvailable, maxUnavailable")
         min_replicas = get(so or {}, "spec", "minReplicaCount", default=get(dep, "spec", "replicas", default=1))
         if isinstance(spec.get("minAvailable"), int):
             report.check(spec["minAvailable"] < min_replicas,
