@@ -11,10 +11,30 @@
 //! data keeps the error, the attributes and the message id, and `replay`
 //! leaves it alone (there is nothing to republish).
 
-use crate::error::Failure;
+use crate::envelope::Envelope;
 use crate::event;
-use crate::message::Envelope;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+/// Set on a copy: the failure's kind (`ErrorKind::as_str`).
+pub const ERROR_KIND: &str = "error_kind";
+/// Set on a copy: the failure, one line, cut to fit [`MAX_ATTRIBUTE_BYTES`].
+pub const ERROR: &str = "error";
+/// The message id of the first delivery, kept through dead-lettering and
+/// replays so that the message's identity never changes.
+pub const ORIGINAL_MESSAGE_ID: &str = "original_message_id";
+/// The publish time of the first delivery, kept likewise (dated layouts).
+pub const ORIGINAL_PUBLISH_TIME: &str = "original_publish_time";
+/// How often the message was replayed.
+pub const REPLAY_COUNT: &str = "replay_count";
+/// Prefix of the attributes Pub/Sub's own dead-lettering adds.
+pub const PUBSUB_PREFIX: &str = "CloudPubSubDeadLetterSource";
+/// Pub/Sub's own dead-lettering: the original publish time.
+pub const PUBSUB_PUBLISH_TIME: &str = "CloudPubSubDeadLetterSourceTopicPublishTime";
+
+/// Whether Pub/Sub itself dead-lettered the message (after too many deliveries).
+pub fn by_pubsub(attributes: &HashMap<String, String>) -> bool {
+    attributes.keys().any(|key| key.starts_with(PUBSUB_PREFIX))
+}
 
 /// Pub/Sub's limit on one attribute value, in bytes.
 pub const MAX_ATTRIBUTE_BYTES: usize = 1024;
@@ -35,24 +55,25 @@ pub struct Copy {
     pub attributes: Vec<(String, String)>,
 }
 
-/// The copy of `envelope` that records `failure`.
+/// The copy of `envelope` that records a failure: its kind (as in
+/// `ErrorKind::as_str`) and its one-line description.
 ///
 /// A message that was already replayed keeps its first `original_message_id`
 /// and `original_publish_time`, so its identity never changes.
-pub fn copy(envelope: &Envelope, failure: &Failure) -> Copy {
+pub fn copy(envelope: &Envelope, error_kind: &str, error: &str) -> Copy {
     let mut attributes: BTreeMap<String, String> = envelope
         .attributes
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    attributes.insert("error_kind".into(), failure.kind().as_str().into());
-    attributes.insert("error".into(), truncate(failure.message(), MAX_ATTRIBUTE_BYTES));
+    attributes.insert(ERROR_KIND.into(), error_kind.into());
+    attributes.insert(ERROR.into(), truncate(error, MAX_ATTRIBUTE_BYTES));
     attributes
-        .entry("original_message_id".into())
+        .entry(ORIGINAL_MESSAGE_ID.into())
         .or_insert_with(|| envelope.message_id.clone());
     if let Some(published) = envelope.publish_time {
         attributes
-            .entry("original_publish_time".into())
+            .entry(ORIGINAL_PUBLISH_TIME.into())
             .or_insert_with(|| event::format_timestamp(published));
     }
     let attribute_bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -82,10 +103,53 @@ pub fn truncate(text: &str, max_bytes: usize) -> String {
     format!("{}{ELLIPSIS}", &text[..end])
 }
 
+/// The other direction, for `replay`: the attributes a replayed message carries.
+/// How often the message was replayed before (`replay_count`, 0 when absent).
+pub fn replay_count(attributes: &HashMap<String, String>) -> u64 {
+    attributes
+        .get(REPLAY_COUNT)
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The attributes a replayed message carries: the original ones, without the
+/// dead-letter annotations, with `original_message_id` and
+/// `original_publish_time` kept (or set from this copy) and `replay_count` + 1.
+///
+/// A message Pub/Sub dead-lettered itself arrives under a new message id and
+/// without the original one; unless the producer set `id` or
+/// `idempotency_key`, its identity after replay is derived from this copy.
+pub fn republished_attributes(envelope: &Envelope) -> BTreeMap<String, String> {
+    let mut attributes: BTreeMap<String, String> = envelope
+        .attributes
+        .iter()
+        .filter(|(key, _)| ![ERROR_KIND, ERROR].contains(&key.as_str()) && !key.starts_with(PUBSUB_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    attributes
+        .entry(ORIGINAL_MESSAGE_ID.into())
+        .or_insert_with(|| envelope.message_id.clone());
+    let original_publish_time = envelope
+        .attributes
+        .get(ORIGINAL_PUBLISH_TIME)
+        .or_else(|| envelope.attributes.get(PUBSUB_PUBLISH_TIME))
+        .cloned()
+        .or_else(|| envelope.publish_time.map(crate::event::format_timestamp));
+    if let Some(time) = original_publish_time {
+        attributes.insert(ORIGINAL_PUBLISH_TIME.into(), time);
+    }
+    attributes.insert(
+        REPLAY_COUNT.into(),
+        (replay_count(&envelope.attributes) + 1).to_string(),
+    );
+    attributes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+    use crate::error::Failure;
 
     fn attributes(copy: &Copy) -> BTreeMap<String, String> {
         copy.attributes.iter().cloned().collect()
@@ -104,7 +168,7 @@ mod tests {
             ErrorKind::BadContent,
             "audio: /x.mp3 is not a recognised audio format",
         );
-        let first = copy(&envelope, &failure);
+        let first = copy(&envelope, failure.kind().as_str(), failure.message());
         assert_eq!(first.data, b"{}");
         let attributes = attributes(&first);
         assert_eq!(attributes["idempotency_key"], "k");
@@ -115,7 +179,7 @@ mod tests {
 
         envelope.message_id = "43".into();
         envelope.attributes = attributes.into_iter().collect();
-        let again = copy(&envelope, &failure);
+        let again = copy(&envelope, failure.kind().as_str(), failure.message());
         assert_eq!(
             super::tests::attributes(&again)["original_message_id"],
             "42",
@@ -128,7 +192,12 @@ mod tests {
         // 500 characters of three bytes each: 1,500 bytes.
         let failure = Failure::new(ErrorKind::SourceMissing, "音".repeat(500));
         assert!(failure.message().len() > MAX_ATTRIBUTE_BYTES);
-        let error = attributes(&copy(&Envelope::default(), &failure))["error"].clone();
+        let error = attributes(&copy(
+            &Envelope::default(),
+            failure.kind().as_str(),
+            failure.message(),
+        ))["error"]
+            .clone();
         assert!(error.len() <= MAX_ATTRIBUTE_BYTES, "{} bytes", error.len());
         assert!(error.len() > MAX_ATTRIBUTE_BYTES - 4, "as much as fits");
         assert!(error.ends_with('…') && error.trim_end_matches('…').chars().all(|c| c == '音'));
@@ -143,7 +212,7 @@ mod tests {
             ..Envelope::default()
         };
         let failure = Failure::new(ErrorKind::InvalidJson, "é".repeat(5_000));
-        for (key, value) in copy(&envelope, &failure).attributes {
+        for (key, value) in copy(&envelope, failure.kind().as_str(), failure.message()).attributes {
             assert!(value.len() <= MAX_ATTRIBUTE_BYTES, "{key}: {} bytes", value.len());
         }
     }
@@ -156,10 +225,52 @@ mod tests {
             ..Envelope::default()
         };
         let failure = Failure::new(ErrorKind::InvalidJson, "data is not valid JSON");
-        let copy = copy(&envelope, &failure);
+        let copy = copy(&envelope, failure.kind().as_str(), failure.message());
         assert!(copy.data.is_empty());
         let attributes = attributes(&copy);
         assert_eq!(attributes[DATA_DROPPED_BYTES], MAX_COPY_BYTES.to_string());
         assert_eq!(attributes["error_kind"], "invalid_json");
+    }
+
+    fn envelope(attributes: &[(&str, &str)]) -> Envelope {
+        Envelope {
+            message_id: "dlq-7".into(),
+            data: bytes::Bytes::from_static(br#"{"audio": "/spool/a.wav", "thumbnail": "gs://s/c.png"}"#),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
+            delivery_attempt: None,
+        }
+    }
+
+    #[test]
+    fn our_dead_letters_keep_their_original_id_and_lose_the_error() {
+        let attributes = republished_attributes(&envelope(&[
+            ("error_kind", "source_missing"),
+            ("error", "audio: /spool/a.wav does not exist"),
+            ("original_message_id", "42"),
+            ("original_publish_time", "2026-01-01T00:00:00.000Z"),
+            ("idempotency_key", "k"),
+        ]));
+        assert_eq!(
+            attributes.get("original_message_id").map(String::as_str),
+            Some("42")
+        );
+        assert_eq!(attributes.get("replay_count").map(String::as_str), Some("1"));
+        assert_eq!(attributes.get("idempotency_key").map(String::as_str), Some("k"));
+        assert_eq!(
+            attributes.get("original_publish_time").map(String::as_str),
+            Some("2026-01-01T00:00:00.000Z")
+        );
+        assert!(!attributes.contains_key("error_kind") && !attributes.contains_key("error"));
+    }
+
+    #[test]
+    fn the_replay_count_goes_up_each_time() {
+        let attributes =
+            republished_attributes(&envelope(&[("original_message_id", "42"), ("replay_count", "2")]));
+        assert_eq!(attributes.get("replay_count").map(String::as_str), Some("3"));
     }
 }

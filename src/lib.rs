@@ -30,6 +30,7 @@
 pub mod config;
 pub mod content;
 pub mod dead_letter;
+pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod health;

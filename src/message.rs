@@ -1,9 +1,11 @@
 //! The input: an "audio processed" Pub/Sub message, parsed once into a
 //! [`AudioMessage`] that cannot hold an invalid value.
 
+use crate::dead_letter;
+use crate::envelope::Envelope;
 use crate::identity::{AudioId, IdentityKey};
 use crate::source::{Source, SourceError};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Most entries a message's `metadata` may have.
 pub const MAX_METADATA_ENTRIES: usize = 64;
@@ -24,21 +26,6 @@ pub const RESERVED_METADATA_KEYS: [&str; 10] = [
     "width",
     "height",
 ];
-
-/// A message as Pub/Sub delivered it, free of SDK types.
-#[derive(Debug, Clone, Default)]
-pub struct Envelope {
-    /// The Pub/Sub message id.
-    pub message_id: String,
-    /// The raw data.
-    pub data: bytes::Bytes,
-    /// The message attributes.
-    pub attributes: HashMap<String, String>,
-    /// When Pub/Sub accepted the message.
-    pub publish_time: Option<jiff::Timestamp>,
-    /// How often Pub/Sub has delivered it (only with a dead-letter policy).
-    pub delivery_attempt: Option<i32>,
-}
 
 /// Why a message's data is not a valid "audio processed" message.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +129,7 @@ impl AudioMessage {
         let key = IdentityKey::choose(
             id,
             attribute("idempotency_key"),
-            attribute("original_message_id"),
+            attribute(dead_letter::ORIGINAL_MESSAGE_ID),
             &envelope.message_id,
         );
         Ok(AudioMessage {
@@ -164,8 +151,8 @@ impl AudioMessage {
 /// the same date-based names as the first attempt would have.
 fn original_publish_time(envelope: &Envelope) -> jiff::Timestamp {
     [
-        "original_publish_time",
-        "CloudPubSubDeadLetterSourceTopicPublishTime",
+        dead_letter::ORIGINAL_PUBLISH_TIME,
+        dead_letter::PUBSUB_PUBLISH_TIME,
     ]
     .iter()
     .filter_map(|name| envelope.attributes.get(*name))
@@ -315,6 +302,7 @@ fn json_type(value: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn envelope(data: &str) -> Envelope {
         Envelope {

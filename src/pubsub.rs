@@ -5,7 +5,7 @@
 //! [`Admin`] for `setup`.
 
 use crate::config::{Endpoint, PubsubSettings};
-use crate::message::Envelope;
+use crate::envelope::Envelope;
 use google_cloud_auth::credentials::Credentials;
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_gax::options::RequestOptionsBuilder as _;

@@ -17,20 +17,15 @@
 
 use crate::config::Settings;
 use crate::dead_letter;
+use crate::envelope::Envelope;
 use crate::error::{self, ErrorKind, chain};
-use crate::message::Envelope;
 use crate::pubsub::{self, Delivery, Inbox, Outbox, PubsubError};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 /// The error kind shown for messages Pub/Sub itself dead-lettered after too many deliveries.
 pub const MAX_DELIVERY_ATTEMPTS: &str = "max_delivery_attempts";
-
-/// Attributes the dead-lettering added, dropped on republish.
-const DEAD_LETTER_ATTRIBUTES: [&str; 2] = ["error_kind", "error"];
-/// Prefix of the attributes Pub/Sub's own dead-lettering adds.
-const PUBSUB_DEAD_LETTER_PREFIX: &str = "CloudPubSubDeadLetterSource";
 
 /// The names `--error-kind` accepts: every [`ErrorKind`] and [`MAX_DELIVERY_ATTEMPTS`].
 pub fn error_kind_names() -> Vec<&'static str> {
@@ -253,7 +248,10 @@ pub async fn run(
                 pacing.tick().await;
             }
             match outbox
-                .publish(envelope.data.to_vec(), republished_attributes(&envelope))
+                .publish(
+                    envelope.data.to_vec(),
+                    dead_letter::republished_attributes(&envelope),
+                )
                 .await
             {
                 Ok(_) => match delivery.ack().await {
@@ -302,12 +300,8 @@ pub async fn run(
 /// What the operator needs to know about one dead-lettered message.
 fn describe(envelope: &Envelope) -> Entry {
     let attribute = |name: &str| envelope.attributes.get(name).cloned();
-    let error_kind = attribute("error_kind").unwrap_or_else(|| {
-        if envelope
-            .attributes
-            .keys()
-            .any(|k| k.starts_with(PUBSUB_DEAD_LETTER_PREFIX))
-        {
+    let error_kind = attribute(dead_letter::ERROR_KIND).unwrap_or_else(|| {
+        if dead_letter::by_pubsub(&envelope.attributes) {
             MAX_DELIVERY_ATTEMPTS.to_string()
         } else {
             "unknown".to_string()
@@ -324,63 +318,18 @@ fn describe(envelope: &Envelope) -> Entry {
         .unwrap_or_default();
     Entry {
         message_id: envelope.message_id.clone(),
-        original_message_id: attribute("original_message_id").unwrap_or_else(|| envelope.message_id.clone()),
+        original_message_id: attribute(dead_letter::ORIGINAL_MESSAGE_ID)
+            .unwrap_or_else(|| envelope.message_id.clone()),
         error_kind,
-        error: attribute("error"),
+        error: attribute(dead_letter::ERROR),
         age_seconds: envelope
             .publish_time
             .map(|published| (jiff::Timestamp::now() - published).get_seconds()),
         sources,
-        replay_count: replay_count(&envelope.attributes),
+        replay_count: dead_letter::replay_count(&envelope.attributes),
         action: Action::Skipped,
         failure: None,
     }
-}
-
-fn replay_count(attributes: &HashMap<String, String>) -> u64 {
-    attributes
-        .get("replay_count")
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The attributes a replayed message carries: the original ones, without the
-/// dead-letter annotations, with `original_message_id` and
-/// `original_publish_time` kept (or set from this copy) and `replay_count` + 1.
-///
-/// A message Pub/Sub dead-lettered itself arrives under a new message id and
-/// without the original one; unless the producer set `id` or
-/// `idempotency_key`, its identity after replay is derived from this copy.
-pub fn republished_attributes(envelope: &Envelope) -> BTreeMap<String, String> {
-    let mut attributes: BTreeMap<String, String> = envelope
-        .attributes
-        .iter()
-        .filter(|(key, _)| {
-            !DEAD_LETTER_ATTRIBUTES.contains(&key.as_str()) && !key.starts_with(PUBSUB_DEAD_LETTER_PREFIX)
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    attributes
-        .entry("original_message_id".into())
-        .or_insert_with(|| envelope.message_id.clone());
-    let original_publish_time = envelope
-        .attributes
-        .get("original_publish_time")
-        .or_else(|| {
-            envelope
-                .attributes
-                .get("CloudPubSubDeadLetterSourceTopicPublishTime")
-        })
-        .cloned()
-        .or_else(|| envelope.publish_time.map(crate::event::format_timestamp));
-    if let Some(time) = original_publish_time {
-        attributes.insert("original_publish_time".into(), time);
-    }
-    attributes.insert(
-        "replay_count".into(),
-        (replay_count(&envelope.attributes) + 1).to_string(),
-    );
-    attributes
 }
 
 #[cfg(test)]
@@ -398,28 +347,6 @@ mod tests {
             publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
             delivery_attempt: None,
         }
-    }
-
-    #[test]
-    fn our_dead_letters_keep_their_original_id_and_lose_the_error() {
-        let attributes = republished_attributes(&envelope(&[
-            ("error_kind", "source_missing"),
-            ("error", "audio: /spool/a.wav does not exist"),
-            ("original_message_id", "42"),
-            ("original_publish_time", "2026-01-01T00:00:00.000Z"),
-            ("idempotency_key", "k"),
-        ]));
-        assert_eq!(
-            attributes.get("original_message_id").map(String::as_str),
-            Some("42")
-        );
-        assert_eq!(attributes.get("replay_count").map(String::as_str), Some("1"));
-        assert_eq!(attributes.get("idempotency_key").map(String::as_str), Some("k"));
-        assert_eq!(
-            attributes.get("original_publish_time").map(String::as_str),
-            Some("2026-01-01T00:00:00.000Z")
-        );
-        assert!(!attributes.contains_key("error_kind") && !attributes.contains_key("error"));
     }
 
     #[test]
@@ -444,13 +371,6 @@ mod tests {
     }
 
     #[test]
-    fn the_replay_count_goes_up_each_time() {
-        let attributes =
-            republished_attributes(&envelope(&[("original_message_id", "42"), ("replay_count", "2")]));
-        assert_eq!(attributes.get("replay_count").map(String::as_str), Some("3"));
-    }
-
-    #[test]
     fn pubsub_dead_letters_are_recognised_and_their_annotations_dropped() {
         let envelope = envelope(&[
             ("CloudPubSubDeadLetterSourceDeliveryCount", "5"),
@@ -463,11 +383,11 @@ mod tests {
         let entry = describe(&envelope);
         assert_eq!(entry.error_kind, MAX_DELIVERY_ATTEMPTS);
         assert_eq!(entry.sources, vec!["/spool/a.wav", "gs://s/c.png"]);
-        let attributes = republished_attributes(&envelope);
+        let attributes = dead_letter::republished_attributes(&envelope);
         assert!(
             attributes
                 .keys()
-                .all(|k| !k.starts_with(PUBSUB_DEAD_LETTER_PREFIX)),
+                .all(|k| !k.starts_with(dead_letter::PUBSUB_PREFIX)),
             "{attributes:?}"
         );
         assert_eq!(

@@ -19,10 +19,11 @@ use cleanup::Cleanup;
 
 use crate::config::Settings;
 use crate::dead_letter;
+use crate::envelope::Envelope;
 use crate::error::{Failure, Problem};
 use crate::event::{self, EventSource, StoredEvent};
 use crate::layout::Kind;
-use crate::message::{AudioMessage, Envelope};
+use crate::message::AudioMessage;
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::pubsub::{Delivery, Outbox};
@@ -235,7 +236,7 @@ impl Pipeline {
             delivery.nack();
             return Outcome::Nacked(kind);
         };
-        let copy = dead_letter::copy(envelope, failure);
+        let copy = dead_letter::copy(envelope, failure.kind().as_str(), failure.message());
         if copy.data.len() < envelope.data.len() {
             warn!(
                 bytes = envelope.data.len(),
