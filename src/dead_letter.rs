@@ -146,7 +146,7 @@ pub fn republished_attributes(envelope: &Envelope) -> BTreeMap<String, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::error::ErrorKind;
     use crate::error::Failure;
@@ -232,7 +232,8 @@ mod tests {
         assert_eq!(attributes["error_kind"], "invalid_json");
     }
 
-    fn envelope(attributes: &[(&str, &str)]) -> Envelope {
+    /// A dead-letter copy as `replay` pulls it, with `attributes`.
+    pub(crate) fn envelope(attributes: &[(&str, &str)]) -> Envelope {
         Envelope {
             message_id: "dlq-7".into(),
             data: bytes::Bytes::from_static(br#"{"audio": "/spool/a.wav", "thumbnail": "gs://s/c.png"}"#),

@@ -335,19 +335,7 @@ fn describe(envelope: &Envelope) -> Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn envelope(attributes: &[(&str, &str)]) -> Envelope {
-        Envelope {
-            message_id: "dlq-7".into(),
-            data: bytes::Bytes::from_static(br#"{"audio": "/spool/a.wav", "thumbnail": "gs://s/c.png"}"#),
-            attributes: attributes
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
-            delivery_attempt: None,
-        }
-    }
+    use crate::dead_letter::tests::envelope;
 
     #[test]
     fn a_rate_is_a_finite_positive_pace_within_bounds() {
