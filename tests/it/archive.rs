@@ -120,12 +120,13 @@ async fn a_configured_storage_class_is_the_class_of_uploads_is_asked_of_copies_a
         .await?;
     let cover = format!("gs://{}/incoming/cover.png", env.staging_bucket);
     // Through the recording proxy, to see what the server-side copy asks for.
-    let proxy = crate::bucket_proxy::BucketProxy::start(&env.gcs_endpoint).await?;
+    let proxy = crate::proxy::FaultProxy::start(&env.gcs_endpoint)?;
+    proxy.record("/rewriteTo/");
     let worker = Worker::start(settings(
         &env,
         &[
             ("AUDIO_STORE__STORAGE__STORAGE_CLASS", "NEARLINE"),
-            ("STORAGE_EMULATOR_HOST", proxy.endpoint()),
+            ("STORAGE_EMULATOR_HOST", &proxy.endpoint()),
         ],
     )?);
     env.pubsub

@@ -253,7 +253,10 @@ async fn setup_applies_the_bucket_policy_then_sends_nothing_and_patches_only_a_c
 -> anyhow::Result<()> {
     let env = TestEnv::new();
     // fake-gcs drops these fields; the proxy records what setup sends and answers with it.
-    let proxy = crate::bucket_proxy::BucketProxy::start(&env.gcs_endpoint).await?;
+    let proxy = crate::proxy::FaultProxy::start(&env.gcs_endpoint)?;
+    proxy.keep_bucket_policies();
+    proxy.record("POST /storage/v1/b?");
+    proxy.record("PATCH /storage/v1/b/");
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("lifecycle.toml");
     let rules = |age: u32| {
@@ -267,7 +270,7 @@ async fn setup_applies_the_bucket_policy_then_sends_nothing_and_patches_only_a_c
     let environment = environment(
         &env,
         &[
-            ("STORAGE_EMULATOR_HOST", proxy.endpoint()),
+            ("STORAGE_EMULATOR_HOST", &proxy.endpoint()),
             ("AUDIO_STORE_CONFIG", &config_path),
         ],
     );

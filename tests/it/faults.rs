@@ -90,6 +90,8 @@ async fn storage_errors_dropped_connections_and_latency_are_retried_and_nothing_
 -> anyhow::Result<()> {
     let gcs = FakeGcs::start_memory()?;
     let proxy = FaultProxy::start(&gcs.endpoint())?;
+    // The resets interrupt resumable uploads: answer the client's status query as GCS does.
+    proxy.correct_resumable_status();
     let env = TestEnv::with_gcs(&gcs.endpoint());
     env.create_resources().await?;
     let mut objects = publish_small(&env, "faulty", 20).await?;

@@ -3,7 +3,6 @@
 
 mod archive;
 mod binary;
-mod bucket_proxy;
 mod delivery;
 mod failures;
 mod faults;
