@@ -4,11 +4,12 @@
 //! `cargo bench --bench throughput`. It is not part of the test suite (run
 //! without `--bench`, as `cargo test --all-targets` does, it does nothing).
 //!
-//! Everything runs on this machine: one Pub/Sub emulator for the whole run, a
-//! fresh fake-gcs-server (memory backend) for every measurement, and the worker
-//! as a process (`target/release/audio-store run`). Three scenarios, each run
-//! for several rounds (a round runs the ceilings and then the worker on the
-//! same files, back to back):
+//! Everything runs on this machine, started by the test kit (`testkit/`):
+//! one Pub/Sub emulator for the whole run, a fresh fake-gcs-server (memory
+//! backend) for every measurement, and the worker as a process
+//! (`target/release/audio-store run`). Three scenarios, each run for several
+//! rounds (a round runs the ceilings and then the worker on the same files,
+//! back to back):
 //!
 //! - **small**: N messages of a 64 KiB WAV plus an 8 KiB PNG, all published
 //!   before the worker starts; messages/s from the worker's spawn to the last
@@ -18,14 +19,17 @@
 //! - **huge**: one 1 GiB WAV, as above, plus the worker's peak RSS (VmHWM) and
 //!   its idle RSS (VmRSS 2 s after it became ready, before any message).
 //!
-//! The ceilings use the same files, concurrency and client settings without
-//! the worker: a tight uploader straight to a fresh fake-gcs (the storage
-//! client configured as `src/store.rs` does, no Pub/Sub), and a Pub/Sub relay
-//! with no upload (pull the same input messages, publish an event of the same
-//! size and wait for its confirmation, ack). Events are received the same way
-//! for the relay and the worker: a streaming pull of the stored subscription.
-//! The CPU time of every process (worker, fake-gcs, Pub/Sub emulator, this
-//! bench, everything else) is read from /proc around each measurement.
+//! The ceilings use the same files, concurrency and settings without the
+//! worker, through the product's own clients, built from the same
+//! configuration as the worker's (so they cannot drift from it): a tight
+//! uploader straight to a fresh fake-gcs (`audio_store::store::Store`, no
+//! Pub/Sub), and a Pub/Sub relay with no upload (`audio_store::pubsub`'s
+//! `Inbox` and `Outbox`: pull the same input messages, publish an event of
+//! the same size and wait for its confirmation, ack). Events are received the
+//! same way for the relay and the worker: a streaming pull of the stored
+//! subscription. The CPU time of every process (worker, fake-gcs, Pub/Sub
+//! emulator, this bench, everything else) is read from /proc around each
+//! measurement.
 //!
 //! Arguments (after `--`): `small`, `large`, `huge` pick scenarios (default:
 //! all). Environment: `BENCH_CONCURRENCY` (32), `BENCH_SMALL_MESSAGES` (500),
@@ -35,31 +39,23 @@
 //! worker binary; default `target/release/audio-store`, which must not be older
 //! than `src/`).
 
-#[allow(dead_code)] // The integration-test toolkit; the bench uses a part of it.
-#[path = "../tests/it/harness.rs"]
-mod harness;
-
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use google_cloud_gax::retry_policy::RetryPolicyExt as _;
-use google_cloud_pubsub::client::{Publisher, Subscriber};
-use google_cloud_pubsub::model::Message;
-use google_cloud_storage::client::Storage;
-use google_cloud_storage::retry_policy::RetryableErrors;
-use harness::{FakeGcs, PROJECT, PubsubEmulator, TestEnv};
+use audio_store::config::Settings;
+use audio_store::pubsub::{BUSY_BATCHING, Inbox, Outbox};
+use audio_store::source::LocalContent;
+use audio_store::store::{NewObject, RESUMABLE_THRESHOLD, Store, Written};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use testkit::media::{sample_png, sample_wav, wav_header_len, write_wav};
+use testkit::{FakeGcs, PubsubEmulator, TestEnv, WorkerProcess};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
-/// As `src/store.rs`: smaller files go up in one request with a known CRC32C.
-const RESUMABLE_THRESHOLD: u64 = 8 * MIB;
-/// As `src/store.rs`.
-const UPLOAD_BUFFER_SIZE: usize = 16 * 1024 * 1024;
 /// Sizes of the small scenario's files.
 const SMALL_AUDIO: usize = 64 * 1024;
 const SMALL_THUMBNAIL: usize = 8 * 1024;
@@ -97,23 +93,14 @@ fn main() -> Result<()> {
         .context("building the tokio runtime")?;
     runtime.block_on(async {
         let started = Instant::now();
-        let machine = Machine::describe();
-        println!("{}", machine.markdown());
+        println!("{}", Machine::describe().markdown());
         println!("worker binary: {}", binary.display());
-        println!("services' logs: {}", harness::log_dir().display());
-        let pubsub = tokio::task::spawn_blocking(PubsubEmulator::start)
-            .await
-            .context("the thread starting the pubsub emulator")??;
+        println!("services' logs: {}", testkit::process::log_dir().display());
+        let pubsub = tokio::task::spawn_blocking(PubsubEmulator::start).await??;
         let bench = Bench {
             params,
             binary,
             pubsub_endpoint: pubsub.endpoint(),
-            pubsub_port: pubsub
-                .endpoint()
-                .rsplit(':')
-                .next()
-                .unwrap_or_default()
-                .to_string(),
         };
         let mut report = Report::default();
         if wanted("small") {
@@ -135,7 +122,6 @@ fn main() -> Result<()> {
         println!("{}", report.results_table(&bench.params));
         println!("{}", report.rounds_table());
         println!("{}", report.cpu_table());
-        drop(pubsub);
         Ok(())
     })
 }
@@ -179,53 +165,32 @@ impl Params {
     }
 }
 
-/// The release worker, refusing one older than the sources it is built from.
+/// The release worker (or `AUDIO_STORE_BIN`), refusing a default one older
+/// than a file of `src/`: cargo would have rebuilt it.
 fn worker_binary() -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let binary = match std::env::var_os("AUDIO_STORE_BIN") {
-        Some(path) => PathBuf::from(path),
-        None => std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"))
-            .join("release/audio-store"),
-    };
+    let rebuild = "run scripts/bench, or `cargo build --release --bin audio-store` first";
+    if let Some(path) = std::env::var_os("AUDIO_STORE_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let binary = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("release/audio-store");
     let built = std::fs::metadata(&binary)
         .and_then(|m| m.modified())
-        .with_context(|| {
-            format!(
-                "the release worker {} is missing: run scripts/bench, or \
-                 `cargo build --release --bin audio-store` first",
-                binary.display()
-            )
-        })?;
-    let mut newest = None;
-    // Cargo rebuilds when a source file is newer than the build; a binary older
-    // than one was not rebuilt since.
+        .with_context(|| format!("the release worker {} is missing: {rebuild}", binary.display()))?;
     let mut visit = vec![root.join("src")];
     while let Some(path) = visit.pop() {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
+        let meta = std::fs::metadata(&path)?;
         if meta.is_dir() {
-            for entry in std::fs::read_dir(&path)?.flatten() {
-                visit.push(entry.path());
-            }
-        } else if let Ok(modified) = meta.modified()
-            && newest.as_ref().is_none_or(|(time, _)| modified > *time)
-        {
-            newest = Some((modified, path));
+            visit.extend(std::fs::read_dir(&path)?.flatten().map(|entry| entry.path()));
+        } else if meta.modified()? > built {
+            bail!(
+                "the release worker {} is older than {}: {rebuild}",
+                binary.display(),
+                path.display()
+            );
         }
-    }
-    if std::env::var_os("AUDIO_STORE_BIN").is_none()
-        && let Some((time, path)) = newest
-        && time > built
-    {
-        bail!(
-            "the release worker {} is older than {}: run scripts/bench, or \
-             `cargo build --release --bin audio-store` first",
-            binary.display(),
-            path.display()
-        );
     }
     Ok(binary)
 }
@@ -238,7 +203,6 @@ struct Bench {
     params: Params,
     binary: PathBuf,
     pubsub_endpoint: String,
-    pubsub_port: String,
 }
 
 /// One input message: its files and the JSON the worker gets.
@@ -258,16 +222,41 @@ impl Input {
     }
 }
 
+/// Fresh resources on `gcs_endpoint` and the product's configuration for them,
+/// reading sources from `files`' spool: what the worker gets, as variables, and
+/// what the ceilings build their clients from.
+struct Setup {
+    env: TestEnv,
+    environment: BTreeMap<String, String>,
+    settings: Settings,
+}
+
 impl Bench {
+    fn setup(&self, gcs_endpoint: &str, files: &TestEnv) -> Result<Setup> {
+        let env = TestEnv::with_endpoints(&self.pubsub_endpoint, gcs_endpoint);
+        let spool = files.spool.path().display().to_string();
+        let concurrency = self.params.concurrency.to_string();
+        let environment = testkit::environment(
+            &env,
+            &[
+                ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", &spool),
+                ("AUDIO_STORE__WORKER__CONCURRENCY", &concurrency),
+                ("AUDIO_STORE__LOG__LEVEL", "warn"),
+            ],
+        );
+        let settings = Settings::load(None, &environment).context("the benchmark's settings")?;
+        Ok(Setup {
+            env,
+            environment,
+            settings,
+        })
+    }
+
     async fn small(&self, report: &mut Report) -> Result<()> {
         let n = self.params.small_messages;
         let bytes = n as u64 * (SMALL_AUDIO + SMALL_THUMBNAIL) as u64;
-        let mut scenario = Scenario::new(
-            Kind::Small,
-            format!("small: {n} × (64 KiB WAV + 8 KiB PNG)"),
-            n,
-            bytes,
-        );
+        let title = format!("small: {n} × (64 KiB WAV + 8 KiB PNG)");
+        let mut scenario = Scenario::new(Kind::Small, title, n, bytes);
         // Round 0 warms up the Java emulator's JIT on the paths these runs use, and is not
         // counted: a fresh emulator spends a core compiling during its first busy seconds.
         let first = if self.params.warmup { 0 } else { 1 };
@@ -278,9 +267,8 @@ impl Bench {
                 println!("\n# {}, round {round}/{}", scenario.title, self.params.rounds);
             }
             let files = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
-            let mut audio = harness::sample_wav((SMALL_AUDIO - 44) / 2);
-            audio.truncate(SMALL_AUDIO);
-            let mut png = harness::sample_png();
+            let audio = sample_wav((SMALL_AUDIO - wav_header_len()) / 2);
+            let mut png = sample_png();
             png.resize(SMALL_THUMBNAIL, 0);
             let inputs: Vec<Input> = (0..n)
                 .map(|i| Input {
@@ -289,23 +277,25 @@ impl Bench {
                     thumbnail: Some(files.spool_file(&format!("small/{i}.png"), &png)),
                 })
                 .collect();
-            sync_files();
+            sync_files()?;
 
             let gcs = self
-                .gcs_ceiling("small GCS ceiling", &inputs, Requests::Upload)
+                .gcs_ceiling("small GCS ceiling", &files, &inputs, false)
                 .await?;
             println!("{}", gcs.line(n, bytes));
             let lookup = self
-                .gcs_ceiling("small GCS lookup+upload", &inputs, Requests::StatThenUpload)
+                .gcs_ceiling("small GCS lookup+upload", &files, &inputs, true)
                 .await?;
             println!("{}", lookup.line(n, bytes));
             let pubsub = self
-                .pubsub_ceiling("small Pub/Sub ceiling", &inputs, Duration::ZERO)
+                .pubsub_ceiling("small Pub/Sub ceiling", &files, &inputs, Duration::ZERO)
                 .await?;
             println!("{}", pubsub.line(n, bytes));
             // Held as long as a message's uploads took in the upload-only run above.
             let hold = gcs.elapsed.mul_f64(self.params.concurrency as f64 / n as f64);
-            let paced = self.pubsub_ceiling("small Pub/Sub paced", &inputs, hold).await?;
+            let paced = self
+                .pubsub_ceiling("small Pub/Sub paced", &files, &inputs, hold)
+                .await?;
             println!(
                 "{} (each message held {} ms)",
                 paced.line(n, bytes),
@@ -315,16 +305,15 @@ impl Bench {
                 .worker("small worker", &files, &inputs, bytes, Start::Backlog)
                 .await?;
             println!("{}", worker.line(n, bytes));
-            if round == 0 {
-                continue;
+            if round > 0 {
+                scenario.rounds.push(Round {
+                    gcs,
+                    gcs_lookup: Some(lookup),
+                    pubsub: Some(pubsub),
+                    pubsub_paced: Some(paced),
+                    worker,
+                });
             }
-            scenario.rounds.push(Round {
-                gcs,
-                gcs_lookup: Some(lookup),
-                pubsub: Some(pubsub),
-                pubsub_paced: Some(paced),
-                worker,
-            });
         }
         report.scenarios.push(scenario);
         Ok(())
@@ -354,18 +343,25 @@ impl Bench {
         for round in 1..=self.params.rounds {
             println!("\n# {}, round {round}/{}", scenario.title, self.params.rounds);
             let files = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
-            let inputs = write_large_inputs(&files, name, n, size).await?;
-            let gcs = self
-                .gcs_ceiling(&format!("{name} GCS ceiling"), &inputs, Requests::Upload)
-                .await?;
-            println!("{}", gcs.line(n, bytes));
-            let worker = self
-                .worker(&format!("{name} worker"), &files, &inputs, bytes, Start::Idle)
-                .await?;
-            println!("{}", worker.line(n, bytes));
-            if round == 0 {
-                continue;
+            let mut inputs = Vec::new();
+            for i in 0..n {
+                let path = files.spool_path(&format!("{name}-{i}.wav"));
+                let target = path.clone();
+                tokio::task::spawn_blocking(move || write_wav(&target, size, i as u64)).await??;
+                let id = format!("{name}-{}-{i}", files.id);
+                inputs.push(Input {
+                    id,
+                    audio: path,
+                    thumbnail: None,
+                });
             }
+            sync_files()?;
+            let label = format!("{name} GCS ceiling");
+            let gcs = self.gcs_ceiling(&label, &files, &inputs, false).await?;
+            println!("{}", gcs.line(n, bytes));
+            let label = format!("{name} worker");
+            let worker = self.worker(&label, &files, &inputs, bytes, Start::Idle).await?;
+            println!("{}", worker.line(n, bytes));
             scenario.rounds.push(Round {
                 gcs,
                 gcs_lookup: None,
@@ -377,60 +373,40 @@ impl Bench {
         Ok(scenario)
     }
 
-    /// Uploads every input's files straight to a fresh fake-gcs, `concurrency`
-    /// messages at a time, both files of a message at once (as the worker does).
+    /// Uploads every input's files straight to a fresh fake-gcs with the
+    /// product's `Store`, `concurrency` messages at a time, both files of a
+    /// message at once (as the worker does).
     ///
-    /// With [`Requests::StatThenUpload`] each upload is preceded by a metadata
-    /// GET (404), the lookup the worker makes before uploads of 8 MiB or more;
-    /// that run is a diagnostic (what a lookup costs), not a ceiling.
-    async fn gcs_ceiling(&self, label: &str, inputs: &[Input], requests: Requests) -> Result<Run> {
+    /// With `lookup`, each upload is preceded by the archive lookup the worker
+    /// makes before uploads of 8 MiB or more (a metadata GET, 404); that run
+    /// is a diagnostic (what a lookup costs), not a ceiling.
+    async fn gcs_ceiling(&self, label: &str, files: &TestEnv, inputs: &[Input], lookup: bool) -> Result<Run> {
         let gcs = start_fake_gcs().await?;
-        let rest = harness::GcsRest::new(&gcs.endpoint());
-        let bucket = harness::unique("ceiling");
-        rest.create_bucket(&bucket).await?;
-        let client = storage_client(&gcs.endpoint()).await?;
-        let stat = match requests {
-            Requests::Upload => None,
-            Requests::StatThenUpload => Some(Stat {
-                http: reqwest::Client::builder().no_proxy().build()?,
-                endpoint: gcs.endpoint(),
-            }),
-        };
-        let stat = Arc::new(stat);
-        // A tight uploader: checksums of small files are known before the clock starts.
+        let setup = self.setup(&gcs.endpoint(), files)?;
+        setup.env.gcs.create_bucket(&setup.env.bucket).await?;
+        let store = Store::connect(&setup.settings.storage).await?;
+        // A tight uploader: checksums of files sent in one request are known before the clock starts.
         let mut jobs = Vec::new();
         for (i, input) in inputs.iter().enumerate() {
-            let mut parts = vec![Part::new(&input.audio, format!("{i}/audio.wav"))?];
+            let mut parts = vec![Part::new(&input.audio, format!("{i}/audio.wav"), "audio/wav")?];
             if let Some(thumbnail) = &input.thumbnail {
-                parts.push(Part::new(thumbnail, format!("{i}/thumbnail.png"))?);
+                parts.push(Part::new(thumbnail, format!("{i}/thumbnail.png"), "image/png")?);
             }
             jobs.push(parts);
         }
-        let watch = CpuWatch::new(None, Some(&gcs.endpoint()), &self.pubsub_port);
+        let watch = CpuWatch::new(None, Some(&gcs.endpoint()), &self.pubsub_endpoint);
         let before = watch.sample();
         let started = Instant::now();
         let permits = Arc::new(Semaphore::new(self.params.concurrency));
         let mut tasks = JoinSet::new();
         for parts in jobs {
             let permit = permits.clone().acquire_owned().await?;
-            let client = client.clone();
-            let bucket = bucket.clone();
-            let stat = stat.clone();
+            let store = store.clone();
             tasks.spawn(async move {
-                let uploads = parts.into_iter().map(|part| {
-                    let client = client.clone();
-                    let bucket = bucket.clone();
-                    let stat = stat.clone();
-                    async move {
-                        if let Some(stat) = stat.as_ref() {
-                            stat.absent(&bucket, &part.name).await?;
-                        }
-                        part.upload(&client, &bucket).await
-                    }
-                });
+                let uploads = parts.into_iter().map(|part| part.upload(&store, lookup));
                 let result = futures::future::try_join_all(uploads).await;
                 drop(permit);
-                result.map(|_| ())
+                result.map(drop)
             });
             while let Some(joined) = tasks.try_join_next() {
                 joined??;
@@ -440,8 +416,7 @@ impl Bench {
             joined??;
         }
         let elapsed = started.elapsed();
-        let cpu = watch.sample().since(&before);
-        Ok(Run::new(label, elapsed, cpu))
+        Ok(Run::new(label, elapsed, watch.sample().since(&before)))
     }
 
     /// Pub/Sub alone: the same input messages pulled, an event of the worker's
@@ -451,52 +426,45 @@ impl Bench {
     /// With a `hold`, each message is held that long before its event is
     /// published (as if it were being uploaded): a diagnostic of what the
     /// emulator costs at a slower pace, not a ceiling.
-    async fn pubsub_ceiling(&self, label: &str, inputs: &[Input], hold: Duration) -> Result<Run> {
-        let env = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
-        create_pubsub_resources(&env).await?;
-        publish_inputs(&self.pubsub_endpoint, &env.topic, inputs).await?;
-        let events = Events::start(&self.pubsub_endpoint, &env, inputs.len()).await?;
-        let watch = CpuWatch::new(None, None, &self.pubsub_port);
+    async fn pubsub_ceiling(
+        &self,
+        label: &str,
+        files: &TestEnv,
+        inputs: &[Input],
+        hold: Duration,
+    ) -> Result<Run> {
+        let setup = self.setup("http://127.0.0.1", files)?;
+        let pubsub = &setup.settings.pubsub;
+        setup
+            .env
+            .create_topics_and_subscriptions(setup.env.default_input_options())
+            .await?;
+        publish_inputs(&setup, inputs).await?;
+        let events = Events::start(&setup, inputs.len()).await?;
+        let watch = CpuWatch::new(None, None, &self.pubsub_endpoint);
         let before = watch.sample();
         let started = Instant::now();
-        let subscriber = Subscriber::builder()
-            .with_credentials(anonymous())
-            .with_endpoint(&self.pubsub_endpoint)
-            .build()
-            .await
-            .context("building the subscriber")?;
-        let publisher = Publisher::builder(env.pubsub.topic_path(&env.stored_topic))
-            .with_credentials(anonymous())
-            .with_endpoint(&self.pubsub_endpoint)
-            .set_delay_threshold(audio_store::pubsub::BUSY_BATCHING)
-            .build()
-            .await
-            .context("building the publisher")?;
-        let mut stream = subscriber
-            .subscribe(env.pubsub.subscription_path(&env.subscription))
-            .set_max_outstanding_messages(self.params.concurrency as i64)
-            .build();
-        let shutdown = stream.shutdown_token();
+        let mut inbox = Inbox::open(pubsub, self.params.concurrency).await?;
+        let outbox = Outbox::connect(pubsub, &pubsub.stored_topic, BUSY_BATCHING).await?;
+        let closer = inbox.closer();
         let concurrency = self.params.concurrency;
         let relay = tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(concurrency));
             let mut tasks = JoinSet::new();
-            while let Some(next) = stream.next().await {
-                let (message, handler) = next.context("pulling")?;
+            while let Some(next) = inbox.next().await {
+                let (envelope, delivery) = next?;
                 let permit = permits.clone().acquire_owned().await?;
-                let publisher = publisher.clone();
+                let outbox = outbox.clone();
                 tasks.spawn(async move {
                     tokio::time::sleep(hold).await;
-                    let (data, attributes) = event_like(&message.data);
-                    let published = publisher
-                        .publish(Message::new().set_data(data).set_attributes(attributes))
-                        .await;
+                    let (data, attributes) = event_like(&envelope.data);
+                    let published = outbox.publish(data, attributes).await;
                     match published {
-                        Ok(_) => handler.ack(),
-                        Err(_) => handler.nack(),
+                        Ok(_) => delivery.ack().await?,
+                        Err(_) => delivery.nack(),
                     }
                     drop(permit);
-                    published.map(|_| ()).context("publishing an event")
+                    published.map(drop).context("publishing an event")
                 });
                 while let Some(joined) = tasks.try_join_next() {
                     joined??;
@@ -505,12 +473,12 @@ impl Bench {
             while let Some(joined) = tasks.join_next().await {
                 joined??;
             }
-            publisher.flush().await;
+            outbox.flush().await;
             anyhow::Ok(())
         });
         let done = events.wait(None).await;
         let cpu = watch.sample().since(&before);
-        shutdown.shutdown().await;
+        closer.close().await;
         relay.await.context("the relay task")??;
         Ok(Run::new(label, done? - started, cpu))
     }
@@ -525,38 +493,42 @@ impl Bench {
         start: Start,
     ) -> Result<Run> {
         let gcs = start_fake_gcs().await?;
-        let env = TestEnv::with_endpoints(&self.pubsub_endpoint, &gcs.endpoint());
+        let setup = self.setup(&gcs.endpoint(), files)?;
+        let env = &setup.env;
         env.create_resources().await?;
         if start == Start::Backlog {
-            publish_inputs(&self.pubsub_endpoint, &env.topic, inputs).await?;
+            publish_inputs(&setup, inputs).await?;
         }
-        let events = Events::start(&self.pubsub_endpoint, &env, inputs.len()).await?;
-        let mut worker = WorkerProcess::spawn(&self.binary, &env, files.spool.path(), &self.params, label)?;
-        let watch = CpuWatch::new(Some(worker.pid), Some(&gcs.endpoint()), &self.pubsub_port);
+        let events = Events::start(&setup, inputs.len()).await?;
+        let log =
+            testkit::process::log_dir().join(format!("worker-{}-{}.log", label.replace(' ', "-"), env.id));
+        let mut worker = WorkerProcess::spawn(&self.binary, &setup.environment, &log)?;
+        let pid = worker.child.id().context("the worker has no pid")?;
+        let watch = CpuWatch::new(Some(pid), Some(&gcs.endpoint()), &self.pubsub_endpoint);
         let mut run = match start {
             Start::Backlog => {
                 let before = watch.sample();
                 let started = Instant::now();
-                let ready = worker.wait_ready().await?;
+                let ready = wait_ready(&mut worker).await?;
                 let done = events.wait(Some(&mut worker)).await;
                 let cpu = watch.sample().since(&before);
-                let done = diagnose(done, &env, &worker).await?;
+                let done = diagnose(done, env, &worker).await?;
                 let mut run = Run::new(label, done - started, cpu);
                 run.ready = Some(ready);
                 run
             }
             Start::Idle => {
-                let ready = worker.wait_ready().await?;
+                let ready = wait_ready(&mut worker).await?;
                 let idle_before = watch.sample();
                 tokio::time::sleep(IDLE_SETTLE).await;
                 let idle_cpu = watch.sample().since(&idle_before);
-                let idle = worker.status_kib("VmRSS")?;
+                let idle = proc_status_kib(pid, "VmRSS")?;
                 let before = watch.sample();
                 let started = Instant::now();
-                publish_inputs(&self.pubsub_endpoint, &env.topic, inputs).await?;
+                publish_inputs(&setup, inputs).await?;
                 let done = events.wait(Some(&mut worker)).await;
                 let cpu = watch.sample().since(&before);
-                let done = diagnose(done, &env, &worker).await?;
+                let done = diagnose(done, env, &worker).await?;
                 let mut run = Run::new(label, done - started, cpu);
                 run.ready = Some(ready);
                 run.idle_rss_kib = Some(idle);
@@ -564,16 +536,18 @@ impl Bench {
                 run
             }
         };
-        run.peak_rss_kib = Some(worker.status_kib("VmHWM")?);
+        run.peak_rss_kib = Some(proc_status_kib(pid, "VmHWM")?);
         // The event is published before the ack and the cleanup, which the metrics count after.
         let deadline = Instant::now() + Duration::from_secs(30);
-        let (stored, uploaded) = loop {
-            let (stored, uploaded) = worker.metrics().await?;
+        let metric = async |name: &str| worker.metric(name).await.map(|value| value.unwrap_or(0.0) as u64);
+        let stored = loop {
+            let stored = metric("audio_store_messages_total{outcome=\"stored\"}").await?;
             if stored >= inputs.len() as u64 || Instant::now() > deadline {
-                break (stored, uploaded);
+                break stored;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        let uploaded = metric("audio_store_uploaded_bytes_total").await?;
         ensure!(
             stored == inputs.len() as u64,
             "{label}: /metrics says {stored} stored, expected {}",
@@ -593,8 +567,35 @@ impl Bench {
             "{label}: {} objects in the bucket, expected {expected}",
             objects.len()
         );
-        run.warnings = worker.stop().await?;
+        // SIGTERM and exit 0; the log lines (warnings and errors) are counted.
+        worker.signal("-TERM").await?;
+        let code = worker.exit_code(Duration::from_secs(30)).await?;
+        ensure!(
+            code == Some(0),
+            "{label}: the worker exited with {code:?}; log {}",
+            log.display()
+        );
+        run.warnings = std::fs::read_to_string(&log)?.lines().count();
         Ok(run)
+    }
+}
+
+/// Polls `/readyz` every 5 ms; returns the time until it answered 200.
+async fn wait_ready(worker: &mut WorkerProcess) -> Result<Duration> {
+    let started = Instant::now();
+    let log = worker.log_path().display().to_string();
+    loop {
+        if let Some(status) = worker.child.try_wait()? {
+            bail!("the worker exited ({status}) before it was ready; log {log}");
+        }
+        if matches!(worker.readyz().await, Ok(Some((200, _)))) {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the worker was not ready within 30 s; log {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -605,19 +606,14 @@ async fn diagnose<T>(waited: Result<T>, env: &TestEnv, worker: &WorkerProcess) -
         Err(error) => error,
     };
     let dead_letters = match env.pubsub.pull(&env.dead_letter_subscription, 5).await {
-        Ok(messages) => messages
-            .iter()
-            .map(|m| format!("{:?}", m.attributes))
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Ok(messages) => messages.iter().map(|m| format!("{:?}\n", m.attributes)).collect(),
         Err(e) => format!("(cannot pull the dead letters: {e:#})"),
     };
-    let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    let log = worker.log_path();
+    let tail = testkit::process::log_tail(log);
     Err(error.context(format!(
-        "dead letters (first 5):\n{dead_letters}\nworker log ({}), last lines:\n{tail}",
-        worker.log.display()
+        "dead letters (first 5):\n{dead_letters}worker log ({}), last lines:\n{tail}",
+        log.display()
     )))
 }
 
@@ -630,36 +626,15 @@ enum Start {
     Idle,
 }
 
-async fn write_large_inputs(files: &TestEnv, prefix: &str, n: usize, size: u64) -> Result<Vec<Input>> {
-    let mut inputs = Vec::new();
-    for i in 0..n {
-        let path = files.spool_path(&format!("{prefix}-{i}.wav"));
-        let id = format!("{prefix}-{}-{i}", files.id);
-        let target = path.clone();
-        // The file is `size` bytes in all: a 44-byte WAV header and pseudo-random data.
-        tokio::task::spawn_blocking(move || harness::write_large_wav(&target, size - 44, i as u64))
-            .await
-            .context("the thread writing a large file")??;
-        inputs.push(Input {
-            id,
-            audio: path,
-            thumbnail: None,
-        });
-    }
-    sync_files();
-    Ok(inputs)
-}
-
 /// Writes dirty pages out now, so that the kernel's writeback of the files
 /// just written does not run during the first measurement.
-fn sync_files() {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+fn sync_files() -> Result<()> {
+    ensure!(
+        std::process::Command::new("sync").status()?.success(),
+        "sync failed"
+    );
+    Ok(())
 }
-
-// ---------------------------------------------------------------------------
-// Services and clients
-// ---------------------------------------------------------------------------
 
 async fn start_fake_gcs() -> Result<FakeGcs> {
     tokio::task::spawn_blocking(FakeGcs::start_memory)
@@ -667,145 +642,68 @@ async fn start_fake_gcs() -> Result<FakeGcs> {
         .context("the thread starting fake-gcs")?
 }
 
-fn anonymous() -> google_cloud_auth::credentials::Credentials {
-    google_cloud_auth::credentials::anonymous::Builder::new().build()
-}
-
-/// The storage client as `src/store.rs` builds it for an emulator.
-async fn storage_client(endpoint: &str) -> Result<Storage> {
-    Storage::builder()
-        .with_credentials(anonymous())
-        .with_retry_policy(
-            RetryableErrors
-                .with_attempt_limit(3)
-                .with_time_limit(Duration::from_secs(60)),
-        )
-        .with_resumable_upload_threshold(RESUMABLE_THRESHOLD as usize)
-        .with_resumable_upload_buffer_size(UPLOAD_BUFFER_SIZE)
-        .with_endpoint(endpoint)
-        .build()
-        .await
-        .context("building the storage client")
-}
-
-/// Which requests the GCS ceiling makes per object.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Requests {
-    /// The upload alone.
-    Upload,
-    /// A metadata GET first ("exists already?"), then the upload.
-    StatThenUpload,
-}
-
-/// The worker's "does the object exist?" request: a JSON-API metadata GET.
-struct Stat {
-    http: reqwest::Client,
-    endpoint: String,
-}
-
-impl Stat {
-    async fn absent(&self, bucket: &str, name: &str) -> Result<()> {
-        let encoded: String = name
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                other => format!("%{other:02X}"),
-            })
-            .collect();
-        let url = format!("{}/storage/v1/b/{bucket}/o/{encoded}", self.endpoint);
-        let status = self.http.get(url).send().await?.status();
-        ensure!(
-            status == reqwest::StatusCode::NOT_FOUND,
-            "stat {name}: {status}, expected 404"
-        );
-        Ok(())
-    }
-}
-
 /// One file to upload for the GCS ceiling.
 struct Part {
     path: PathBuf,
     name: String,
+    content_type: &'static str,
     size: u64,
+    /// Known for files that go up in one request, as the worker knows it.
     crc32c: Option<u32>,
 }
 
 impl Part {
-    fn new(path: &Path, name: String) -> Result<Part> {
-        let size = std::fs::metadata(path)
-            .with_context(|| format!("stat {}", path.display()))?
-            .len();
-        let crc32c = if size < RESUMABLE_THRESHOLD {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Some(crc32c::crc32c(&bytes))
-        } else {
-            None
-        };
+    fn new(path: &Path, name: String, content_type: &'static str) -> Result<Part> {
+        let size = std::fs::metadata(path)?.len();
+        let crc32c = (size < RESUMABLE_THRESHOLD)
+            .then(|| std::fs::read(path).map(|bytes| crc32c::crc32c(&bytes)))
+            .transpose()?;
         Ok(Part {
             path: path.to_path_buf(),
             name,
+            content_type,
             size,
             crc32c,
         })
     }
 
-    /// Uploads the file as `src/store.rs` does: small files in one request with
-    /// their known CRC32C, large ones as one streamed resumable upload.
-    async fn upload(self, client: &Storage, bucket: &str) -> Result<()> {
-        let file = tokio::fs::File::open(&self.path)
-            .await
-            .with_context(|| format!("opening {}", self.path.display()))?;
-        let request = client
-            .write_object(format!("projects/_/buckets/{bucket}"), &self.name, file)
-            .set_if_generation_match(0);
-        let object = match self.crc32c {
-            Some(crc32c) => Box::pin(request.with_known_crc32c(crc32c).send_unbuffered()).await,
-            None => Box::pin(request.with_checksum_precomputation(false).send_unbuffered()).await,
+    /// Uploads the file with the product's `Store::upload_local` (after its
+    /// archive lookup, with `lookup`).
+    async fn upload(self, store: &Store, lookup: bool) -> Result<()> {
+        if lookup {
+            let found = store.archived(&self.name).await?;
+            ensure!(found.is_none(), "{} exists already", self.name);
         }
-        .with_context(|| format!("uploading {}", self.name))?;
+        let file = tokio::fs::File::open(&self.path).await?;
+        let metadata = BTreeMap::new();
+        let object = NewObject {
+            name: &self.name,
+            content_type: self.content_type,
+            metadata: &metadata,
+            storage_class: None,
+        };
+        let written = store
+            .upload_local(LocalContent::Open(file), self.size, self.crc32c, &object)
+            .await?;
         ensure!(
-            u64::try_from(object.size).ok() == Some(self.size),
-            "{}: uploaded {} bytes, expected {}",
-            self.name,
-            object.size,
-            self.size
+            matches!(written, Written::Created(_)),
+            "{} exists already",
+            self.name
         );
         Ok(())
     }
 }
 
-/// Topics and subscriptions as [`TestEnv::create_resources`] makes them, without buckets.
-async fn create_pubsub_resources(env: &TestEnv) -> Result<()> {
-    for topic in [&env.topic, &env.stored_topic, &env.dead_letter_topic] {
-        env.pubsub.create_topic(topic).await?;
-    }
-    env.pubsub
-        .create_subscription(&env.subscription, &env.topic, env.default_input_options())
-        .await?;
-    env.pubsub
-        .create_subscription(&env.stored_subscription, &env.stored_topic, Default::default())
-        .await
-}
-
-/// Publishes every input (batched by the client) and waits for all confirmations.
-async fn publish_inputs(endpoint: &str, topic: &str, inputs: &[Input]) -> Result<Duration> {
-    let started = Instant::now();
-    let publisher = Publisher::builder(format!("projects/{PROJECT}/topics/{topic}"))
-        .with_credentials(anonymous())
-        .with_endpoint(endpoint)
-        .build()
-        .await
-        .context("building the input publisher")?;
-    let pending: Vec<_> = inputs
-        .iter()
-        .map(|input| publisher.publish(Message::new().set_data(input.json())))
-        .collect();
+/// Publishes every input with the product's `Outbox` and waits for all confirmations.
+async fn publish_inputs(setup: &Setup, inputs: &[Input]) -> Result<()> {
+    let pubsub = &setup.settings.pubsub;
+    let topic = pubsub.topic.as_deref().context("the input topic")?;
+    let outbox = Outbox::connect(pubsub, topic, BUSY_BATCHING).await?;
+    let pending = inputs.iter().map(|input| outbox.publish(input.json(), []));
     for published in futures::future::join_all(pending).await {
         published.context("publishing an input message")?;
     }
-    Ok(started.elapsed())
+    Ok(())
 }
 
 /// An "audio stored" event of the worker's size for an input message.
@@ -836,47 +734,40 @@ fn event_like(input: &[u8]) -> (Vec<u8>, Vec<(String, String)>) {
     (event.to_string().into_bytes(), attributes)
 }
 
-/// Receives the "audio stored" events of `env`'s stored subscription by
-/// streaming pull and notes when the `count`-th distinct one (by `audio_id`)
-/// arrived. Not by polling: every REST pull costs the Java emulator 5–17 ms of
-/// CPU, and polling every 20 ms took half a core from the measured processes.
+/// Receives the "audio stored" events of the stored subscription by streaming
+/// pull (the product's `Inbox`) and notes when the `count`-th distinct one (by
+/// `audio_id`) arrived. Not by polling: every REST pull costs the Java
+/// emulator 5–17 ms of CPU, and polling every 20 ms took half a core from the
+/// measured processes.
 struct Events {
     task: tokio::task::JoinHandle<Result<Instant>>,
 }
 
 impl Events {
     /// Opens the stream and gives it a moment to connect.
-    async fn start(endpoint: &str, env: &TestEnv, count: usize) -> Result<Events> {
+    async fn start(setup: &Setup, count: usize) -> Result<Events> {
         const STALL: Duration = Duration::from_secs(60);
-        let subscriber = Subscriber::builder()
-            .with_credentials(anonymous())
-            .with_endpoint(endpoint)
-            .build()
-            .await
-            .context("building the events subscriber")?;
-        let mut stream = subscriber
-            .subscribe(env.pubsub.subscription_path(&env.stored_subscription))
-            .set_max_outstanding_messages(1000)
-            .build();
+        let subscription = setup.env.pubsub.subscription_path(&setup.env.stored_subscription);
+        let mut inbox = Inbox::open_subscription(&setup.settings.pubsub, &subscription, 1000).await?;
         let task = tokio::spawn(async move {
             let mut seen = HashSet::new();
             while seen.len() < count {
-                let next = tokio::time::timeout(STALL, stream.next())
+                let next = tokio::time::timeout(STALL, inbox.next())
                     .await
                     .map_err(|_| anyhow!("{} of {count} events, then none for {STALL:?}", seen.len()))?;
                 let Some(next) = next else {
                     bail!("the event stream ended after {} of {count} events", seen.len());
                 };
-                let (message, handler) = next.context("pulling events")?;
-                handler.ack();
-                let id = message
-                    .attributes
-                    .get("audio_id")
-                    .ok_or_else(|| anyhow!("an event without audio_id: {message:?}"))?;
-                seen.insert(id.clone());
+                let (envelope, delivery) = next.context("pulling events")?;
+                delivery.ack().await?;
+                let id = envelope.attributes.get("audio_id");
+                seen.insert(
+                    id.with_context(|| format!("an event without audio_id: {envelope:?}"))?
+                        .clone(),
+                );
             }
             let done = Instant::now();
-            stream.shutdown_token().shutdown().await;
+            inbox.closer().close().await;
             Ok(done)
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -901,147 +792,7 @@ impl Events {
     }
 }
 
-// ---------------------------------------------------------------------------
-// The worker process
-// ---------------------------------------------------------------------------
-
-struct WorkerProcess {
-    child: tokio::process::Child,
-    pid: u32,
-    base: String,
-    log: PathBuf,
-    http: reqwest::Client,
-}
-
-impl WorkerProcess {
-    fn spawn(
-        binary: &Path,
-        env: &TestEnv,
-        spool: &Path,
-        params: &Params,
-        label: &str,
-    ) -> Result<WorkerProcess> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let log = harness::log_dir().join(format!("worker-{}-{}.log", label.replace(' ', "-"), env.id));
-        let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let pubsub_host = env.pubsub_endpoint.trim_start_matches("http://").to_string();
-        let variables: BTreeMap<&str, String> = [
-            ("AUDIO_STORE__PUBSUB__PROJECT", PROJECT.to_string()),
-            ("AUDIO_STORE__PUBSUB__TOPIC", env.topic.clone()),
-            ("AUDIO_STORE__PUBSUB__SUBSCRIPTION", env.subscription.clone()),
-            ("AUDIO_STORE__PUBSUB__STORED_TOPIC", env.stored_topic.clone()),
-            (
-                "AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC",
-                env.dead_letter_topic.clone(),
-            ),
-            ("AUDIO_STORE__STORAGE__BUCKET", env.bucket.clone()),
-            ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", spool.display().to_string()),
-            ("AUDIO_STORE__WORKER__CONCURRENCY", params.concurrency.to_string()),
-            ("AUDIO_STORE__WORKER__SHUTDOWN_GRACE", "10s".to_string()),
-            ("AUDIO_STORE__HTTP__LISTEN", format!("127.0.0.1:{port}")),
-            ("AUDIO_STORE__LOG__LEVEL", "warn".to_string()),
-            ("PUBSUB_EMULATOR_HOST", pubsub_host),
-            ("STORAGE_EMULATOR_HOST", env.gcs_endpoint.clone()),
-        ]
-        .into_iter()
-        .collect();
-        let child = tokio::process::Command::new(binary)
-            .arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&variables)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning {}", binary.display()))?;
-        let pid = child.id().context("the worker has no pid")?;
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()?;
-        Ok(WorkerProcess {
-            child,
-            pid,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-            http,
-        })
-    }
-
-    /// Polls `/readyz` every 5 ms; returns the time until it answered 200.
-    async fn wait_ready(&mut self) -> Result<Duration> {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "the worker exited ({status}) before it was ready; log {}",
-                    self.log.display()
-                );
-            }
-            let ready = self.http.get(format!("{}/readyz", self.base)).send().await;
-            if ready.is_ok_and(|response| response.status().is_success()) {
-                return Ok(started.elapsed());
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("the worker was not ready within 30 s; log {}", self.log.display());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// A field of /proc/PID/status, in KiB (VmRSS, VmHWM).
-    fn status_kib(&self, field: &str) -> Result<u64> {
-        proc_status_kib(self.pid, field)
-    }
-
-    /// `audio_store_messages_total{outcome="stored"}` and `audio_store_uploaded_bytes_total`
-    /// (0 while a series is absent: a labelled one appears on its first count).
-    async fn metrics(&self) -> Result<(u64, u64)> {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?;
-        let value = |name: &str| -> Result<u64> {
-            match text.lines().find_map(|line| line.strip_prefix(name)) {
-                None => Ok(0),
-                Some(rest) => rest
-                    .trim()
-                    .parse::<f64>()
-                    .map(|v| v as u64)
-                    .with_context(|| format!("{name}: not a number in /metrics: {rest:?}")),
-            }
-        };
-        Ok((
-            value("audio_store_messages_total{outcome=\"stored\"} ")?,
-            value("audio_store_uploaded_bytes_total ")?,
-        ))
-    }
-
-    /// SIGTERM, wait for exit 0; returns the number of log lines (warnings and errors).
-    async fn stop(mut self) -> Result<usize> {
-        let pid = libc::pid_t::try_from(self.pid)?;
-        // SAFETY: kill(2) with a pid of our own child and a valid signal has no memory effects.
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        ensure!(sent == 0, "kill -TERM {pid}: {}", std::io::Error::last_os_error());
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .context("the worker did not exit within 30 s of SIGTERM")??;
-        ensure!(
-            status.success(),
-            "the worker exited with {status}; log {}",
-            self.log.display()
-        );
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        Ok(log.lines().count())
-    }
-}
-
+/// A field of /proc/PID/status, in KiB (VmRSS, VmHWM).
 fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -1073,10 +824,13 @@ struct Cpu {
 }
 
 impl CpuWatch {
-    /// `gcs_endpoint` `http://127.0.0.X` names the fake-gcs; `pubsub_port` the emulator.
-    fn new(worker: Option<u32>, gcs_endpoint: Option<&str>, pubsub_port: &str) -> CpuWatch {
+    /// `gcs_endpoint` `http://127.0.0.X` names the fake-gcs; `pubsub_endpoint` the emulator.
+    fn new(worker: Option<u32>, gcs_endpoint: Option<&str>, pubsub_endpoint: &str) -> CpuWatch {
         let host = gcs_endpoint.map(|e| e.trim_start_matches("http://").to_string());
-        let port = format!("--port={pubsub_port}");
+        let port = format!(
+            "--port={}",
+            pubsub_endpoint.rsplit(':').next().unwrap_or_default()
+        );
         let mut gcs = Vec::new();
         let mut pubsub = Vec::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {

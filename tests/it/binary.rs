@@ -1,10 +1,12 @@
 //! The `audio-store` binary as a process: exit codes, commands, signals.
 
-use crate::harness::{PROJECT, TestEnv, sample_png, sample_wav};
-use crate::support::{audio_id_for, environment, event_json, signal};
+use crate::support::{audio_id_for, event_json};
 use anyhow::{Context as _, ensure};
 use std::process::{Output, Stdio};
 use std::time::Duration;
+use testkit::media::{sample_png, sample_wav};
+use testkit::worker::signal;
+use testkit::{PROJECT, TestEnv, environment};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
 

@@ -1,13 +1,15 @@
 //! The operations endpoint of a running `audio-store run` process:
 //! `/healthz`, `/readyz` across start and SIGTERM, `/metrics` as work happens.
 
-use crate::harness::{TestEnv, sample_png, sample_wav, wait_for, write_large_wav};
-use crate::support::{environment, http_get, signal};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
+use testkit::http::http_get;
+use testkit::media::{sample_png, sample_wav, write_wav};
+use testkit::worker::signal;
+use testkit::{TestEnv, environment, wait_for};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -127,7 +129,7 @@ async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm
     // A large upload in flight when SIGTERM arrives: readiness drops at once, the upload
     // finishes within the grace, the message is acked, and the process exits 0.
     let big = env.spool_path("long.wav");
-    write_large_wav(&big, 160 * 1024 * 1024, 3)?;
+    write_wav(&big, 160 * 1024 * 1024, 3)?;
     env.pubsub
         .publish_json(&env.topic, &json!({"audio": big}), &[])
         .await?;

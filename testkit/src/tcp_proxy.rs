@@ -1,6 +1,6 @@
 //! A TCP proxy that can cut a service off, for the Pub/Sub emulator.
 //!
-//! The fault proxy ([`crate::proxy`]) parses HTTP/1.1 and cannot carry the
+//! The HTTP/1.1 fault proxy of the integration tests cannot carry the
 //! Pub/Sub client's gRPC (HTTP/2). This one copies bytes: [`TcpProxy::cut`]
 //! closes every connection through it and closes new ones at once, as if the
 //! service had become unreachable; [`TcpProxy::restore`] lets connections
