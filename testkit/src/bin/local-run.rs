@@ -26,10 +26,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 const PROJECT: &str = "local-project";
 const TOPIC: &str = "audio-processed";
-const SUBSCRIPTION: &str = "audio-processed-store";
 const STORED_TOPIC: &str = "audio-stored";
-const DEAD_LETTER_TOPIC: &str = "audio-processed-dlq";
-const DEAD_LETTER_SUBSCRIPTION: &str = "audio-processed-dlq-sub";
 const BUCKET: &str = "audio-archive";
 /// A subscription of this run's own on the stored topic, to read the event back.
 const WATCH_SUBSCRIPTION: &str = "audio-stored-watch";
@@ -113,7 +110,7 @@ async fn interrupted() -> &'static str {
 async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()> {
     ensure!(
         binary.exists(),
-        "{} is missing: build it with `cargo build --bin audio-store`",
+        "{} is missing: run `cargo build --bin audio-store`",
         binary.display()
     );
     use_log_dir(run_dir)?;
@@ -126,76 +123,24 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
         .pubsub
         .insert(tokio::task::spawn_blocking(PubsubEmulator::start).await??);
     let pubsub_endpoint = pubsub.endpoint();
-    info(&format!(
-        "Pub/Sub emulator: {pubsub_endpoint} (log: {})",
-        file_name(&pubsub.log())
-    ));
     let gcs = started
         .gcs
         .insert(tokio::task::spawn_blocking(FakeGcs::start_memory).await??);
     let gcs_endpoint = gcs.endpoint();
-    info(&format!("fake-gcs-server:  {gcs_endpoint} (port 80)"));
+    info(&format!(
+        "Pub/Sub emulator {pubsub_endpoint}, fake-gcs-server {gcs_endpoint} (port 80)"
+    ));
 
     let config = run_dir.join("config.toml");
     std::fs::copy(repository_root().join("config/local.toml"), &config)?;
-    let spool_root = spool.display().to_string();
-    let environment: BTreeMap<String, String> = [
-        ("AUDIO_STORE_CONFIG", config.display().to_string().as_str()),
-        (
-            "PUBSUB_EMULATOR_HOST",
-            pubsub_endpoint.trim_start_matches("http://"),
-        ),
-        ("STORAGE_EMULATOR_HOST", &gcs_endpoint),
-        // An endpoint in the file would otherwise take precedence over *_EMULATOR_HOST.
-        ("AUDIO_STORE__PUBSUB__ENDPOINT", &pubsub_endpoint),
-        ("AUDIO_STORE__STORAGE__ENDPOINT", &gcs_endpoint),
-        ("AUDIO_STORE__PUBSUB__PROJECT", PROJECT),
-        ("AUDIO_STORE__PUBSUB__TOPIC", TOPIC),
-        ("AUDIO_STORE__PUBSUB__SUBSCRIPTION", SUBSCRIPTION),
-        ("AUDIO_STORE__PUBSUB__STORED_TOPIC", STORED_TOPIC),
-        ("AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC", DEAD_LETTER_TOPIC),
-        (
-            "AUDIO_STORE__PUBSUB__DEAD_LETTER_SUBSCRIPTION",
-            DEAD_LETTER_SUBSCRIPTION,
-        ),
-        ("AUDIO_STORE__STORAGE__BUCKET", BUCKET),
-        ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", &spool_root),
-        ("AUDIO_STORE__LOG__FORMAT", "json"),
-        ("AUDIO_STORE__HTTP__LISTEN", "127.0.0.1:0"),
-    ]
-    .into_iter()
-    .map(|(key, value)| (key.to_string(), value.to_string()))
-    .collect();
-    let command = |args: &[&str]| {
-        let mut command = tokio::process::Command::new(binary);
-        command
-            .args(args)
-            .env_clear()
-            .envs(&environment)
-            .kill_on_drop(true);
-        command
-    };
-
+    let environment = environment(&config, &pubsub_endpoint, &gcs_endpoint, &spool);
     step("configuration: config/local.toml, with AUDIO_STORE__* overrides");
-    let checked = command(&["check-config"]).output().await?;
     let effective = run_dir.join("effective-config.toml");
-    std::fs::write(&effective, &checked.stdout)?;
-    ensure!(
-        checked.status.success(),
-        "the configuration is not valid: {}",
-        text(&checked.stderr)
-    );
+    std::fs::write(&effective, run(binary, &environment, &["check-config"]).await?)?;
     info(&format!("effective configuration: {}", effective.display()));
 
     step("audio-store setup");
-    let setup = command(&["setup"]).output().await?;
-    std::fs::write(run_dir.join("setup.log"), &setup.stderr)?;
-    info(&text(&setup.stdout));
-    ensure!(
-        setup.status.success(),
-        "audio-store setup failed:\n{}",
-        text(&setup.stderr)
-    );
+    info(&run(binary, &environment, &["setup"]).await?);
     let pubsub_rest = PubsubRest::new(&pubsub_endpoint, PROJECT);
     let watch = SubscriptionOptions {
         ack_deadline_seconds: Some(30),
@@ -212,121 +157,84 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
     let audio = spool.join("night-drive.wav");
     let cover = spool.join("cover.png");
     for (path, fixture) in [(&audio, media::WAV_FIXTURE), (&cover, media::PNG_FIXTURE)] {
-        let bytes = media::fixture(fixture);
-        std::fs::write(path, &bytes)?;
+        std::fs::write(path, media::fixture(fixture))?;
         info(&format!(
-            "{:<16} {:>7} bytes ({fixture})",
-            file_name(path),
-            bytes.len()
+            "{} ({fixture}, {} bytes)",
+            path.display(),
+            std::fs::metadata(path)?.len()
         ));
     }
 
-    step("starting the worker: audio-store run (log: worker.log)");
-    let worker_log = run_dir.join("worker.log");
+    step("starting the worker: audio-store run (log: worker.log), waiting for GET /readyz 200");
+    let log = run_dir.join("worker.log");
     let worker = started
         .worker
-        .insert(WorkerProcess::spawn(binary, &environment, &worker_log)?);
-    info(&format!("pid {}", worker.child.id().unwrap_or_default()));
-    step(&format!(
-        "waiting for GET /readyz to answer 200 (http://127.0.0.1:{})",
+        .insert(WorkerProcess::spawn(binary, &environment, &log)?);
+    let waiting = Instant::now();
+    while !matches!(worker.readyz().await?, Some((200, _))) {
+        if let Some(status) = worker.child.try_wait()? {
+            bail!("the worker exited early ({status}):\n{}", log_tail(&log));
+        }
+        ensure!(
+            waiting.elapsed() < WAIT,
+            "the worker was not ready within 60 s:\n{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    info(&format!(
+        "ready after {:.1} s (http://127.0.0.1:{})",
+        waiting.elapsed().as_secs_f64(),
         worker.port
     ));
-    let waiting = Instant::now();
-    loop {
-        if let Some(status) = worker.child.try_wait()? {
-            bail!("the worker exited early ({status}):\n{}", log_tail(&worker_log));
-        }
-        match worker.readyz().await? {
-            Some((200, _)) => break,
-            answer if waiting.elapsed() > WAIT => {
-                bail!(
-                    "the worker was not ready within 60 s ({answer:?}):\n{}",
-                    log_tail(&worker_log)
-                )
-            }
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-    info(&format!("ready after {:.1} s", waiting.elapsed().as_secs_f64()));
 
     step("audio-store publish (one \"audio processed\" message)");
-    let (audio_arg, cover_arg) = (audio.display().to_string(), cover.display().to_string());
-    let published = command(&[
+    let (audio, cover) = (audio.display().to_string(), cover.display().to_string());
+    let args = [
         "publish",
         "--audio",
-        &audio_arg,
+        &audio,
         "--thumbnail",
-        &cover_arg,
+        &cover,
         "--id",
         "demo-track-1",
-        "--meta",
-        "title=Night Drive",
-        "--meta",
-        "user_id=u123",
-    ])
-    .output()
-    .await?;
-    ensure!(
-        published.status.success(),
-        "audio-store publish failed:\n{}",
-        text(&published.stderr)
-    );
-    info(&format!(
-        "published message id {} to {TOPIC}",
-        text(&published.stdout).trim()
-    ));
+    ];
+    let args = [
+        &args[..],
+        &["--meta", "title=Night Drive", "--meta", "user_id=u123"],
+    ]
+    .concat();
+    let message_id = run(binary, &environment, &args).await?;
+    info(&format!("published message id {} to {TOPIC}", message_id.trim()));
 
-    step(&format!(
-        "waiting for the \"audio stored\" event on {STORED_TOPIC}"
-    ));
-    let waiting = Instant::now();
+    step(&format!("the \"audio stored\" event on {STORED_TOPIC}"));
     let events = pubsub_rest.collect(WATCH_SUBSCRIPTION, 1, WAIT).await?;
-    let Some(event) = events.first() else {
-        bail!(
-            "no \"audio stored\" event within 60 s:\n{}",
-            log_tail(&worker_log)
-        );
-    };
+    let event = events
+        .first()
+        .with_context(|| format!("no event within 60 s:\n{}", log_tail(&log)))?;
     info(&format!(
-        "received after {:.1} s",
-        waiting.elapsed().as_secs_f64()
-    ));
-    info(&format!(
-        "message id: {}   published: {}",
+        "message id {}, published {}, attributes:",
         event.message_id, event.publish_time
     ));
-    info("attributes:");
     for (key, value) in &event.attributes {
         info(&format!("  {key} = {value}"));
     }
-    info("data:");
-    info(&indent(&serde_json::to_string_pretty(&event.json()?)?));
+    info(&serde_json::to_string_pretty(&event.json()?)?);
 
     step(&format!("objects in gs://{BUCKET} (fake-gcs-server)"));
     let objects = GcsRest::new(&gcs_endpoint).list(BUCKET, "").await?;
     ensure!(!objects.is_empty(), "the bucket is empty");
-    let width = objects
-        .iter()
-        .map(|object| object.name.len())
-        .max()
-        .unwrap_or_default();
-    info(&format!(
-        "{:<width$}  {:>7}  {:<8}  METADATA",
-        "NAME", "SIZE", "CRC32C"
-    ));
     for object in &objects {
-        let mut metadata = object
-            .metadata
-            .iter()
-            .map(|(key, value)| format!("{key}={value}"));
-        let first = metadata.next().unwrap_or_else(|| "-".into());
         info(&format!(
-            "{:<width$}  {:>7}  {:<8}  {first}",
+            "{}  {} bytes  crc32c {}",
             object.name, object.size, object.crc32c
         ));
-        for more in metadata {
-            info(&format!("{:<width$}  {:>7}  {:<8}  {more}", "", "", ""));
-        }
+        let metadata: Vec<String> = object
+            .metadata
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        info(&format!("  {}", metadata.join(" ")));
     }
 
     step(&format!(
@@ -334,106 +242,79 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
         spool.display()
     ));
     // The worker deletes the sources right after the ack; give it a moment.
-    let left = testkit::wait_for("the sources to be removed", Duration::from_secs(5), || async {
-        Ok((std::fs::read_dir(&spool)?.count() == 0).then_some(()))
-    })
-    .await;
-    ensure!(
-        left.is_ok(),
-        "the worker did not remove the sources from the spool directory"
-    );
+    testkit::wait_for(
+        "the worker to remove the sources",
+        Duration::from_secs(5),
+        || async { Ok((std::fs::read_dir(&spool)?.count() == 0).then_some(())) },
+    )
+    .await?;
     info("empty: the worker removed night-drive.wav and cover.png after storing them");
 
-    step(&format!(
-        "the worker's operations endpoint (http://127.0.0.1:{})",
-        worker.port
-    ));
-    let ready = worker.readyz().await?.map(|(status, _)| status);
-    info(&format!(
-        "GET /readyz -> {}",
-        ready.map_or("no answer".into(), |status| status.to_string())
-    ));
-    info("GET /metrics (excerpt):");
-    let metrics = testkit::http::http_get(worker.port, "/metrics")
-        .await?
-        .unwrap_or_default()
-        .1;
-    let shown = [
-        "messages_total",
-        "uploaded_bytes_total",
-        "dead_lettered_total",
-        "in_flight_messages",
-        "processing_seconds_count",
-    ];
-    for line in metrics.lines().filter(|line| {
-        shown
-            .iter()
-            .any(|name| line.starts_with(&format!("audio_store_{name}")))
-    }) {
-        info(&format!("  {line}"));
-    }
-
-    step("stopping the worker (SIGTERM, graceful shutdown)");
+    step("stopping the worker (SIGTERM, graceful shutdown) and the emulators");
     let mut worker = started.worker.take().context("the worker runs")?;
     worker.signal("-TERM").await?;
     let code = worker.exit_code(Duration::from_secs(40)).await?;
     ensure!(
         code == Some(0),
-        "the worker exited with {code:?}, expected 0 after a graceful shutdown:\n{}",
-        log_tail(&worker_log)
+        "the worker exited with {code:?}, not 0:\n{}",
+        log_tail(&log)
     );
-    info("exited with status 0; the last lines of worker.log:");
-    let log = worker.log()?;
-    for line in &log[log.len().saturating_sub(8)..] {
-        info(&format!("  {}", log_line(line)));
-    }
-
-    step("stopping the emulators");
+    let last = worker.log()?.pop().unwrap_or_default();
+    info(&format!(
+        "exited with status 0; its last log line: {}",
+        last["message"]
+    ));
     started.gcs.take();
     started.pubsub.take();
     step("done");
     Ok(())
 }
 
-/// One JSON log line (flattened events with their span) as `time level message key=value…`.
-fn log_line(line: &serde_json::Value) -> String {
-    let field = |key: &str| line[key].as_str().unwrap_or_default().to_string();
-    let time = field("timestamp").get(11..23).unwrap_or_default().to_string();
-    let skip = ["timestamp", "level", "message", "target", "span", "name"];
-    let fields: Vec<String> = [line["span"].as_object(), line.as_object()]
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|(key, _)| !skip.contains(&key.as_str()))
-        .map(|(key, value)| {
-            format!(
-                "{key}={}",
-                value.as_str().map_or_else(|| value.to_string(), str::to_string)
-            )
-        })
-        .collect();
-    format!(
-        "{time} {:<5} {}  {}",
-        field("level"),
-        field("message"),
-        fields.join(" ")
-    )
+/// The product's configuration for this run: `config/local.toml` (copied to
+/// `config`) with the names, the emulators and the spool as variables.
+fn environment(config: &Path, pubsub: &str, gcs: &str, spool: &Path) -> BTreeMap<String, String> {
+    let (config, spool) = (config.display().to_string(), spool.display().to_string());
+    [
+        ("AUDIO_STORE_CONFIG", config.as_str()),
+        ("PUBSUB_EMULATOR_HOST", pubsub.trim_start_matches("http://")),
+        ("STORAGE_EMULATOR_HOST", gcs),
+        // An endpoint in the file would otherwise take precedence over *_EMULATOR_HOST.
+        ("AUDIO_STORE__PUBSUB__ENDPOINT", pubsub),
+        ("AUDIO_STORE__STORAGE__ENDPOINT", gcs),
+        ("AUDIO_STORE__PUBSUB__PROJECT", PROJECT),
+        ("AUDIO_STORE__PUBSUB__TOPIC", TOPIC),
+        ("AUDIO_STORE__PUBSUB__SUBSCRIPTION", "audio-processed-store"),
+        ("AUDIO_STORE__PUBSUB__STORED_TOPIC", STORED_TOPIC),
+        ("AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC", "audio-processed-dlq"),
+        (
+            "AUDIO_STORE__PUBSUB__DEAD_LETTER_SUBSCRIPTION",
+            "audio-processed-dlq-sub",
+        ),
+        ("AUDIO_STORE__STORAGE__BUCKET", BUCKET),
+        ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", spool.as_str()),
+        ("AUDIO_STORE__LOG__FORMAT", "json"),
+        ("AUDIO_STORE__HTTP__LISTEN", "127.0.0.1:0"),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_string(), value.to_string()))
+    .collect()
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim_end().to_string()
-}
-
-fn indent(text: &str) -> String {
-    text.lines()
-        .map(|line| format!("  {line}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned()
+/// Runs `audio-store ARGS` to completion; its stdout, or an error with its stderr.
+async fn run(binary: &Path, environment: &BTreeMap<String, String>, args: &[&str]) -> Result<String> {
+    let output = tokio::process::Command::new(binary)
+        .args(args)
+        .env_clear()
+        .envs(environment)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim_end().to_string();
+    ensure!(
+        output.status.success(),
+        "audio-store {} failed:\n{}",
+        args[0],
+        text(&output.stderr)
+    );
+    Ok(text(&output.stdout))
 }
