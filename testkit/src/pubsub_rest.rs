@@ -122,7 +122,7 @@ impl PubsubRest {
     }
 
     /// Full topic name, `projects/P/topics/T`.
-    pub fn topic_path(&self, topic: &str) -> String {
+    fn topic_path(&self, topic: &str) -> String {
         format!("projects/{}/topics/{topic}", self.project)
     }
 
@@ -255,7 +255,7 @@ impl PubsubRest {
     }
 
     /// Acknowledges deliveries; an empty list is a no-op.
-    pub async fn ack(&self, subscription: &str, ack_ids: &[String]) -> Result<()> {
+    async fn ack(&self, subscription: &str, ack_ids: &[String]) -> Result<()> {
         if !ack_ids.is_empty() {
             let what = format!("acking {} message(s) on {subscription}", ack_ids.len());
             let body = json!({ "ackIds": ack_ids });
