@@ -300,7 +300,9 @@ impl PubsubRest {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut received = Vec::new();
         while received.len() < count {
-            let batch = self.pull_and_ack(subscription, count - received.len()).await?;
+            let batch = self
+                .pull_and_ack(subscription, (count - received.len()).min(100))
+                .await?;
             if batch.is_empty() {
                 if tokio::time::Instant::now() >= deadline {
                     break;
@@ -336,18 +338,7 @@ impl PubsubRest {
     /// Pulls and acks for `window`; returns everything that arrived (to assert
     /// that nothing (more) arrives).
     pub async fn drain_for(&self, subscription: &str, window: Duration) -> Result<Vec<Received>> {
-        let deadline = tokio::time::Instant::now() + window;
-        let mut received = Vec::new();
-        loop {
-            let batch = self.pull_and_ack(subscription, 100).await?;
-            if batch.is_empty() {
-                if tokio::time::Instant::now() >= deadline {
-                    return Ok(received);
-                }
-                tokio::time::sleep(POLL_INTERVAL).await;
-            }
-            received.extend(batch);
-        }
+        self.collect(subscription, usize::MAX, window).await
     }
 
     /// Makes every un-acked message of `subscription` deliverable again, including

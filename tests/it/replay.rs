@@ -1,6 +1,6 @@
 //! `audio-store replay`: dead-lettered messages back to the input topic.
 
-use crate::support::{Worker, audio_id_for, event_json, settings};
+use crate::support::{BINARY, Worker, audio_id_for, event_json, settings};
 use anyhow::{Context as _, ensure};
 use audio_store::identity::{AudioId, IdentityKey};
 use serde_json::json;
@@ -9,7 +9,6 @@ use std::time::Duration;
 use testkit::media::sample_wav;
 use testkit::{SubscriptionOptions, TestEnv, environment, wait_for};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs `audio-store replay ARGS` against `env`; returns (exit code, stdout, stderr).
