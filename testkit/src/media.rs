@@ -146,3 +146,42 @@ pub fn write_wav(path: &Path, len: u64, seed: u64) -> Result<()> {
     file.flush()
         .with_context(|| format!("writing {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn le32(bytes: &[u8], at: usize) -> u64 {
+        u64::from(u32::from_le_bytes([
+            bytes[at],
+            bytes[at + 1],
+            bytes[at + 2],
+            bytes[at + 3],
+        ]))
+    }
+
+    #[test]
+    fn a_sample_wav_as_long_as_the_fixture_is_the_fixture() {
+        let fixture = fixture(WAV_FIXTURE);
+        assert_eq!(sample_wav((fixture.len() - wav_header_len()) / 2), fixture);
+    }
+
+    #[test]
+    fn a_written_wav_has_the_length_asked_for_and_chunk_sizes_that_say_so() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (path, other) = (dir.path().join("a.wav"), dir.path().join("b.wav"));
+        let len = 300_001;
+        write_wav(&path, len, 1)?;
+        write_wav(&other, len, 2)?;
+        let (bytes, other) = (std::fs::read(&path)?, std::fs::read(&other)?);
+        assert_eq!(bytes.len() as u64, len);
+        assert_eq!(le32(&bytes, 4), len - 8, "the RIFF size");
+        assert_eq!(
+            le32(&bytes, wav_header_len() - 4),
+            len - wav_header_len() as u64,
+            "the data size"
+        );
+        assert_ne!(bytes, other, "another seed, other samples");
+        Ok(())
+    }
+}
