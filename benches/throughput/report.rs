@@ -12,7 +12,8 @@ const TARGET_LARGE: f64 = 0.85;
 const TARGET_PEAK_RSS_MIB: f64 = 64.0;
 const TARGET_IDLE_RSS_MIB: f64 = 30.0;
 
-#[derive(Clone)]
+/// One measurement: how long it took, the CPU it cost and, for the worker, its readings.
+#[derive(Clone, Default)]
 pub struct Run {
     pub label: String,
     pub elapsed: Duration,
@@ -31,11 +32,7 @@ impl Run {
             label: label.to_string(),
             elapsed,
             cpu,
-            ready: None,
-            idle_rss_kib: None,
-            peak_rss_kib: None,
-            idle_cpu: None,
-            warnings: 0,
+            ..Run::default()
         }
     }
 

@@ -101,7 +101,8 @@ fn gcs_form(crc32c: u32) -> String {
     base64::engine::general_purpose::STANDARD.encode(crc32c.to_be_bytes())
 }
 
-/// A Cloud Storage client of fake-gcs. Create one per test (see [`client`]).
+/// A Cloud Storage client of fake-gcs. Create one per test: its HTTP client
+/// is bound to the tokio runtime it is first used on.
 #[derive(Clone)]
 pub struct GcsRest {
     endpoint: String,

@@ -10,7 +10,7 @@
 //!   `scripts/install-tools`, never from here).
 //! - [`pubsub_rest`], [`gcs_rest`] — REST clients of the emulators,
 //!   independent of the code under test; [`http`] — what they share.
-//! - [`env`] — [`TestEnv`]: fresh names, resources and a spool directory per
+//! - [`env`](mod@env) — [`TestEnv`]: fresh names, resources and a spool directory per
 //!   test; [`wait_for`].
 //! - [`media`] — test media from the fixtures in `tests/fixtures/media`.
 //! - [`worker`] — the product's configuration for a [`TestEnv`] and the

@@ -269,3 +269,18 @@ pub(crate) fn probe_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Re
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tool_says_in_one_line_to_run_install_tools() {
+        let error = require_executable(Path::new("/nonexistent/fake-gcs-server"), "fake-gcs-server")
+            .expect_err("the tool is missing");
+        assert_eq!(
+            error.to_string(),
+            "fake-gcs-server is missing at /nonexistent/fake-gcs-server: run scripts/install-tools"
+        );
+    }
+}

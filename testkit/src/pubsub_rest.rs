@@ -103,7 +103,8 @@ fn proto_duration(duration: Duration) -> String {
 }
 
 /// A Pub/Sub client of the emulator. All names are short names (`my-topic`,
-/// not `projects/p/topics/my-topic`). Create one per test (see [`client`]).
+/// not `projects/p/topics/my-topic`). Create one per test: its HTTP client is
+/// bound to the tokio runtime it is first used on.
 #[derive(Clone)]
 pub struct PubsubRest {
     endpoint: String,
