@@ -297,10 +297,8 @@ impl Bench {
             println!("{}", worker.line(n, bytes));
             scenario.rounds.push(Round {
                 gcs,
-                gcs_lookup: None,
-                pubsub: None,
-                pubsub_paced: None,
                 worker,
+                ..Round::default()
             });
         }
         Ok(scenario)

@@ -96,6 +96,7 @@ impl Kind {
 }
 
 /// One round: the ceilings and the worker on the same files, back to back.
+#[derive(Default)]
 pub struct Round {
     pub gcs: Run,
     /// Diagnostic (small): the uploads each preceded by a lookup.
