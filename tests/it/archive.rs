@@ -1,12 +1,13 @@
 //! How the archive is organised: names from producer metadata (`{meta.KEY}`)
 //! and the storage class of what is written.
 
-use crate::harness::{TestEnv, sample_png, sample_wav};
 use crate::support::{Worker, audio_id_for, next_event, settings};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use testkit::TestEnv;
+use testkit::media::{sample_png, sample_wav};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const BY_USER: &str = "users/{meta.user_id}/{yyyy}/{audio_id}/{kind}{ext}";

@@ -1,12 +1,12 @@
 //! The `audio-store` binary as a process: exit codes, commands, signals.
 
-use crate::harness::{PROJECT, TestEnv, sample_png, sample_wav};
-use crate::support::{audio_id_for, environment, event_json, signal};
+use crate::support::{BINARY, audio_id_for, event_json};
 use anyhow::{Context as _, ensure};
 use std::process::{Output, Stdio};
 use std::time::Duration;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
+use testkit::media::{sample_png, sample_wav};
+use testkit::worker::signal;
+use testkit::{PROJECT, TestEnv, environment};
 
 /// Runs the binary to completion with exactly `environment` (plus PATH).
 async fn run(environment: &audio_store::config::Environment, args: &[&str]) -> anyhow::Result<Output> {

@@ -1,10 +1,11 @@
 //! Delivery semantics: nacks and redeliveries, exactly-once subscriptions.
 
-use crate::harness::{SubscriptionOptions, TestEnv, sample_png, sample_wav, wait_for};
 use crate::support::{Worker, audio_id_for, event_json, settings};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::time::Duration;
+use testkit::media::{sample_png, sample_wav};
+use testkit::{SubscriptionOptions, TestEnv, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -71,7 +72,7 @@ async fn a_failed_delivery_is_redelivered_and_stored_once(exactly_once: bool) ->
     assert_eq!(event["audio_id"], audio_id_for("fail-once"));
 
     let after = env.gcs.list(&env.bucket, "").await?;
-    let generations = |objects: &[crate::harness::ObjectInfo]| {
+    let generations = |objects: &[testkit::ObjectInfo]| {
         let mut pairs: Vec<(String, String)> = objects
             .iter()
             .map(|o| (o.name.clone(), o.generation.clone()))

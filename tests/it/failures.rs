@@ -1,12 +1,13 @@
 //! Failure handling: bad input, unsafe sources, and what happens to them.
 
-use crate::harness::{TestEnv, sample_png, sample_wav};
 use crate::support::{Worker, event_json, settings};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
+use testkit::TestEnv;
+use testkit::media::{sample_png, sample_wav};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_message_is_dead_lettered_with_its_kind_and_nothing_is_deleted_or_leaked()

@@ -1,13 +1,14 @@
 //! Cloud Storage misbehaving under the worker: errors, dropped connections,
 //! latency, an outage, slow uploads past the ack deadline, random faults.
 
-use crate::harness::{FakeGcs, TestEnv, crc32c_base64, crc32c_file, sample_png, sample_wav, write_large_wav};
 use crate::proxy::FaultProxy;
 use crate::support::{Worker, audio_id_for, event_strings, settings};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use testkit::media::{sample_png, sample_wav, write_wav};
+use testkit::{FakeGcs, TestEnv, crc32c_base64, crc32c_file};
 
 /// Retries generous enough to ride out the injected faults in process.
 const PATIENT: [(&str, &str); 3] = [
@@ -98,7 +99,7 @@ async fn storage_errors_dropped_connections_and_latency_are_retried_and_nothing_
     for index in 0..2 {
         let id = format!("faulty-large-{index}");
         let path = env.spool_path(&format!("{id}.wav"));
-        write_large_wav(&path, 24 * 1024 * 1024, 40 + index)?;
+        write_wav(&path, 24 * 1024 * 1024, 40 + index)?;
         objects.insert(
             format!("audio/{}/audio.wav", audio_id_for(&id)),
             crc32c_file(&path)?,
@@ -168,7 +169,7 @@ async fn an_upload_slower_than_the_ack_deadline_keeps_its_lease_and_is_delivered
     let subscription = env.pubsub.get_subscription(&env.subscription).await?;
     assert_eq!(subscription["ackDeadlineSeconds"], 10);
     let path = env.spool_path("slow.wav");
-    write_large_wav(&path, 12 * 1024 * 1024, 77)?;
+    write_wav(&path, 12 * 1024 * 1024, 77)?;
     let crc = crc32c_file(&path)?;
     env.pubsub
         .publish_json(&env.topic, &json!({"audio": path, "id": "slow"}), &[])

@@ -1,13 +1,11 @@
 //! Integration tests against the real Pub/Sub emulator and fake-gcs-server,
-//! which the harness starts once for this test binary on loopback.
+//! which the test kit (`testkit/`) starts for this test binary on loopback.
 
 mod archive;
 mod binary;
 mod delivery;
 mod failures;
 mod faults;
-#[allow(dead_code)] // A toolkit: later tests (faults, restarts) use the rest.
-mod harness;
 mod media;
 mod operations;
 mod proxy;
@@ -16,6 +14,5 @@ mod replay;
 mod resilience;
 mod spool;
 mod support;
-mod tcp_proxy;
 mod tidy;
 mod worker;

@@ -5,52 +5,16 @@
 //! reason, nothing uploaded and nothing deleted. Names never matter: every
 //! file goes into the spool under a name that says nothing of its content.
 
-use crate::harness::{TestEnv, crc32c_base64};
 use crate::support::{Worker, event_json, settings};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
+use testkit::media::{self, Fixture, fixtures_dir, manifest};
+use testkit::{TestEnv, crc32c_base64};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/media")
-}
-
-/// One line of manifest.tsv: what ffprobe said of a good fixture.
-struct Expected {
-    name: String,
-    kind: String,
-    codec: String,
-    sample_rate: String,
-    channels: String,
-    duration_ms: Option<f64>,
-    width: String,
-    height: String,
-}
-
-fn manifest() -> anyhow::Result<Vec<Expected>> {
-    let text = std::fs::read_to_string(fixtures().join("manifest.tsv"))?;
-    text.lines()
-        .skip(1)
-        .map(|line| {
-            let fields: Vec<&str> = line.split('\t').collect();
-            ensure!(fields.len() == 9, "manifest line {line:?}");
-            Ok(Expected {
-                name: fields[0].into(),
-                kind: fields[1].into(),
-                codec: fields[3].into(),
-                sample_rate: fields[4].into(),
-                channels: fields[5].into(),
-                duration_ms: fields[6].parse().ok(),
-                width: fields[7].into(),
-                height: fields[8].into(),
-            })
-        })
-        .collect()
-}
 
 /// The canonical extension a good fixture must be stored under.
 fn canonical_extension(name: &str) -> &'static str {
@@ -69,7 +33,7 @@ fn canonical_extension(name: &str) -> &'static str {
     }
 }
 
-fn check_media(expected: &Expected, described: &serde_json::Value) -> anyhow::Result<()> {
+fn check_media(expected: &Fixture, described: &serde_json::Value) -> anyhow::Result<()> {
     let media = &described["media"];
     let name = &expected.name;
     ensure!(
@@ -117,8 +81,8 @@ async fn every_real_encoding_is_stored_with_what_ffprobe_says_of_it_local_or_sta
     let env = TestEnv::new();
     env.create_resources().await?;
     let expected = manifest()?;
-    let audio_fill = std::fs::read(fixtures().join("wav-16bit.wav"))?;
-    let image_fill = std::fs::read(fixtures().join("png.png"))?;
+    let audio_fill = media::fixture("wav-16bit.wav");
+    let image_fill = media::fixture("png.png");
     let staged = [
         "m4a-moov-last.m4a",
         "flac-24bit.flac",
@@ -128,7 +92,7 @@ async fn every_real_encoding_is_stored_with_what_ffprobe_says_of_it_local_or_sta
     ];
     let mut published = BTreeMap::new();
     for (index, fixture) in expected.iter().enumerate() {
-        let bytes = std::fs::read(fixtures().join(&fixture.name))?;
+        let bytes = media::fixture(&fixture.name);
         let source = if staged.contains(&fixture.name.as_str()) {
             let object = format!("incoming/{index}");
             env.gcs.upload(&env.staging_bucket, &object, &bytes).await?;
@@ -188,7 +152,7 @@ async fn every_real_encoding_is_stored_with_what_ffprobe_says_of_it_local_or_sta
         check_media(fixture, &event[field])?;
         let name = event[field]["name"].as_str().context("name")?;
         let object = env.gcs.object(&env.bucket, name).await?.context("stored")?;
-        let bytes = std::fs::read(fixtures().join(&fixture.name))?;
+        let bytes = media::fixture(&fixture.name);
         assert_eq!(object.crc32c, crc32c_base64(&bytes), "{}", fixture.name);
         let technical = if fixture.kind == "image" {
             vec!["width", "height"]
@@ -217,10 +181,10 @@ async fn what_is_not_playable_audio_or_a_usable_image_is_dead_lettered_with_a_re
 -> anyhow::Result<()> {
     let env = TestEnv::new();
     env.create_resources().await?;
-    let good_audio = std::fs::read(fixtures().join("wav-16bit.wav"))?;
-    let good_image = std::fs::read(fixtures().join("png.png"))?;
+    let good_audio = media::fixture("wav-16bit.wav");
+    let good_image = media::fixture("png.png");
     let mut cases = Vec::new();
-    for entry in std::fs::read_dir(fixtures().join("bad"))? {
+    for entry in std::fs::read_dir(fixtures_dir().join("bad"))? {
         let path = entry?.path();
         let name = path
             .file_name()

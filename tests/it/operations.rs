@@ -1,20 +1,16 @@
 //! The operations endpoint of a running `audio-store run` process:
 //! `/healthz`, `/readyz` across start and SIGTERM, `/metrics` as work happens.
 
-use crate::harness::{TestEnv, sample_png, sample_wav, wait_for, write_large_wav};
-use crate::support::{environment, http_get, signal};
+use crate::support::Process;
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::Duration;
+use testkit::http::http_get;
+use testkit::media::{sample_png, sample_wav, write_wav};
+use testkit::{TestEnv, wait_for};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// The samples of a Prometheus text exposition, by their full name with labels.
 fn samples(text: &str) -> BTreeMap<String, f64> {
@@ -37,38 +33,10 @@ async fn scrape(port: u16) -> anyhow::Result<BTreeMap<String, f64>> {
 async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm() -> anyhow::Result<()> {
     let env = TestEnv::new();
     // Everything but the archive bucket: the worker must not become ready without it.
-    for topic in [&env.topic, &env.stored_topic, &env.dead_letter_topic] {
-        env.pubsub.create_topic(topic).await?;
-    }
-    env.pubsub
-        .create_subscription(&env.subscription, &env.topic, env.default_input_options())
+    env.create_topics_and_subscriptions(env.default_input_options())
         .await?;
-    env.pubsub
-        .create_subscription(&env.stored_subscription, &env.stored_topic, Default::default())
-        .await?;
-    env.pubsub
-        .create_subscription(
-            &env.dead_letter_subscription,
-            &env.dead_letter_topic,
-            Default::default(),
-        )
-        .await?;
-    let port = free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let mut worker = tokio::process::Command::new(BINARY)
-        .arg("run")
-        .env_clear()
-        .envs(environment(
-            &env,
-            &[
-                ("AUDIO_STORE__HTTP__LISTEN", &listen),
-                ("AUDIO_STORE__WORKER__SHUTDOWN_GRACE", "60s"),
-            ],
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut worker = Process::spawn(&env, &[("AUDIO_STORE__WORKER__SHUTDOWN_GRACE", "60s")])?;
+    let port = worker.port;
 
     let (status, body) = wait_for("/healthz", TIMEOUT, || http_get(port, "/healthz")).await?;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
@@ -127,7 +95,7 @@ async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm
     // A large upload in flight when SIGTERM arrives: readiness drops at once, the upload
     // finishes within the grace, the message is acked, and the process exits 0.
     let big = env.spool_path("long.wav");
-    write_large_wav(&big, 160 * 1024 * 1024, 3)?;
+    write_wav(&big, 160 * 1024 * 1024, 3)?;
     env.pubsub
         .publish_json(&env.topic, &json!({"audio": big}), &[])
         .await?;
@@ -136,7 +104,7 @@ async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm
         Ok((metrics.get("audio_store_in_flight_messages") == Some(&1.0)).then_some(()))
     })
     .await?;
-    signal(&worker, "-TERM").await?;
+    worker.signal("-TERM").await?;
     let (status, _) = wait_for("/readyz 503 after SIGTERM", TIMEOUT, || async {
         Ok(http_get(port, "/readyz")
             .await?
@@ -148,10 +116,11 @@ async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm
         .await?
         .context("still serving while draining")?;
     assert_eq!(health, 200, "alive while draining");
-    let exit = tokio::time::timeout(TIMEOUT, worker.wait())
-        .await
-        .context("exit within the grace")??;
-    assert_eq!(exit.code(), Some(0));
+    assert_eq!(
+        worker.exit_code(TIMEOUT).await?,
+        Some(0),
+        "exit 0 within the grace"
+    );
     let finished = env.pubsub.collect(&env.stored_subscription, 1, TIMEOUT).await?;
     ensure!(
         finished.len() == 1,

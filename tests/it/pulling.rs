@@ -1,14 +1,14 @@
 //! The pull loop and readiness under real conditions: a worker left idle,
 //! Pub/Sub unreachable at start and mid-run, and signals during start-up.
 
-use crate::harness::{TestEnv, sample_wav, wait_for};
 use crate::support::{Process, Worker, audio_id_for, event_strings, events_for_all, settings};
-use crate::tcp_proxy::TcpProxy;
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
+use testkit::media::sample_wav;
+use testkit::{TcpProxy, TestEnv, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -1,14 +1,14 @@
 //! `audio-store replay`: dead-lettered messages back to the input topic.
 
-use crate::harness::{SubscriptionOptions, TestEnv, sample_wav, wait_for};
-use crate::support::{Worker, audio_id_for, environment, event_json, settings};
+use crate::support::{BINARY, Worker, audio_id_for, event_json, settings};
 use anyhow::{Context as _, ensure};
 use audio_store::identity::{AudioId, IdentityKey};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::Duration;
+use testkit::media::sample_wav;
+use testkit::{SubscriptionOptions, TestEnv, environment, wait_for};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs `audio-store replay ARGS` against `env`; returns (exit code, stdout, stderr).

@@ -2,13 +2,14 @@
 //! SIGTERM with uploads that cannot finish in the grace, and two replicas
 //! sharing one subscription while one of them is killed.
 
-use crate::harness::{FakeGcs, TestEnv, crc32c_file, sample_wav, wait_for, write_large_wav};
 use crate::support::{Process, audio_id_for, event_json, events_for_all};
 use anyhow::ensure;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
+use testkit::media::{sample_wav, write_wav};
+use testkit::{FakeGcs, TestEnv, crc32c_base64, crc32c_file, wait_for};
 
 /// Every message has exactly one object, holding its source's bytes.
 async fn one_object_set_each(env: &TestEnv, expected: &BTreeMap<String, String>) -> anyhow::Result<()> {
@@ -41,7 +42,7 @@ async fn a_worker_killed_mid_upload_loses_nothing_and_stores_nothing_twice_after
     for index in 0..FILES {
         let id = format!("crash-{index}");
         let path = env.spool_path(&format!("{id}.wav"));
-        write_large_wav(&path, 48 * 1024 * 1024, index)?;
+        write_wav(&path, 48 * 1024 * 1024, index)?;
         let crc = crc32c_file(&path)?;
         env.pubsub
             .publish_json(&env.topic, &json!({"audio": path, "id": id}), &[])
@@ -126,7 +127,7 @@ async fn sigterm_exits_0_within_the_grace_and_unfinished_messages_are_stored_lat
     for index in 0..3 {
         let id = format!("slow-{index}");
         let path = env.spool_path(&format!("{id}.wav"));
-        write_large_wav(&path, 400 * 1024 * 1024, 10 + index)?;
+        write_wav(&path, 400 * 1024 * 1024, 10 + index)?;
         large.insert(audio_id_for(&id), (path.clone(), crc32c_file(&path)?));
         env.pubsub
             .publish_json(&env.topic, &json!({"audio": path, "id": id}), &[])
@@ -184,10 +185,7 @@ async fn sigterm_exits_0_within_the_grace_and_unfinished_messages_are_stored_lat
         .iter()
         .map(|(id, (_, crc))| (id.clone(), crc.clone()))
         .collect();
-    expected.insert(
-        audio_id_for("quick"),
-        crate::harness::crc32c_base64(&sample_wav(2_000)),
-    );
+    expected.insert(audio_id_for("quick"), crc32c_base64(&sample_wav(2_000)));
     one_object_set_each(&env, &expected).await?;
     Ok(())
 }
@@ -203,7 +201,7 @@ async fn two_replicas_share_one_subscription_and_killing_one_loses_nothing() -> 
         let id = format!("replica-{index}");
         let bytes = sample_wav(200 + index);
         let path = env.spool_file(&format!("{id}.wav"), &bytes);
-        expected.insert(audio_id_for(&id), crate::harness::crc32c_base64(&bytes));
+        expected.insert(audio_id_for(&id), crc32c_base64(&bytes));
         env.pubsub
             .publish_json(&env.topic, &json!({"audio": path, "id": id}), &[])
             .await?;

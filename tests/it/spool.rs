@@ -3,7 +3,6 @@
 //! it is stored, one logical message under other names, and sources whose
 //! names say nothing about their content.
 
-use crate::harness::{FakeGcs, TestEnv, crc32c_base64, sample_png, sample_wav, wait_for};
 use crate::proxy::FaultProxy;
 use crate::support::{Worker, audio_id_for, next_event, settings};
 use anyhow::{Context as _, ensure};
@@ -15,6 +14,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use testkit::media::{sample_png, sample_wav, write_wav};
+use testkit::{FakeGcs, TestEnv, crc32c_base64, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 /// How long to watch for an unwanted dead letter.
@@ -233,7 +234,7 @@ async fn a_file_written_to_after_it_was_read_is_stored_as_read_and_not_deleted()
     std::fs::OpenOptions::new()
         .append(true)
         .open(&path)?
-        .write_all(&sample_wav(500)[44..])?;
+        .write_all(&[0; 1_000])?;
     let event = next_event(&env).await?;
     let metrics = worker.health.metrics.clone();
     worker.stop().await?;
@@ -379,7 +380,7 @@ async fn a_source_cut_short_while_it_streams_leaves_no_corrupt_object_and_is_kep
     env.create_resources().await?;
     let (worker, _) = worker_behind_a_proxy(&env, &proxy).await?;
     let path = env.spool_path("cut.wav");
-    crate::harness::write_large_wav(&path, 12 * 1024 * 1024, 5)?;
+    write_wav(&path, 12 * 1024 * 1024, 5)?;
     proxy.set_upload_rate(Some(2 * 1024 * 1024));
     let sent_before = proxy.stats().bytes_up;
     env.pubsub

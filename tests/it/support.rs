@@ -1,56 +1,19 @@
 //! Driving audio-store from the tests: settings for a [`TestEnv`], a worker
-//! running in-process, and the expectations shared by several tests.
+//! running in-process or as a process, and the expectations shared by
+//! several tests. Everything that is not about the product is in the test
+//! kit (`testkit/`).
 
-use crate::harness::{PROJECT, Received, TestEnv};
 use anyhow::{Context as _, ensure};
-use audio_store::config::{Environment, Settings};
+use audio_store::config::Settings;
 use audio_store::health::Health;
 use audio_store::identity::{AudioId, IdentityKey};
 use audio_store::worker::{self, Summary, WorkerError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
+use testkit::{Received, TestEnv, WorkerProcess, environment};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-/// The environment a deployment for `env` would have: every key as `AUDIO_STORE__…`.
-pub fn environment(env: &TestEnv, overrides: &[(&str, &str)]) -> Environment {
-    let spool = env.spool.path().display().to_string();
-    let pubsub_host = env.pubsub_endpoint.trim_start_matches("http://").to_string();
-    let mut environment: Environment = [
-        ("AUDIO_STORE__PUBSUB__PROJECT", PROJECT),
-        ("AUDIO_STORE__PUBSUB__TOPIC", &env.topic),
-        ("AUDIO_STORE__PUBSUB__SUBSCRIPTION", &env.subscription),
-        ("AUDIO_STORE__PUBSUB__STORED_TOPIC", &env.stored_topic),
-        ("AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC", &env.dead_letter_topic),
-        (
-            "AUDIO_STORE__PUBSUB__DEAD_LETTER_SUBSCRIPTION",
-            &env.dead_letter_subscription,
-        ),
-        ("AUDIO_STORE__PUBSUB__ACK_DEADLINE", "10s"),
-        ("AUDIO_STORE__PUBSUB__REDELIVERY_MIN_BACKOFF", "1s"),
-        ("AUDIO_STORE__PUBSUB__REDELIVERY_MAX_BACKOFF", "5s"),
-        ("AUDIO_STORE__STORAGE__BUCKET", &env.bucket),
-        ("AUDIO_STORE__STORAGE__STAGING_BUCKETS", &env.staging_bucket),
-        ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", &spool),
-        ("AUDIO_STORE__WORKER__CONCURRENCY", "4"),
-        ("AUDIO_STORE__WORKER__SHUTDOWN_GRACE", "10s"),
-        ("AUDIO_STORE__RETRY__MAX_ATTEMPTS", "3"),
-        ("AUDIO_STORE__RETRY__INITIAL_BACKOFF", "50ms"),
-        ("AUDIO_STORE__RETRY__MAX_BACKOFF", "500ms"),
-        ("AUDIO_STORE__HTTP__LISTEN", "127.0.0.1:0"),
-        ("AUDIO_STORE__LOG__LEVEL", "info"),
-        ("PUBSUB_EMULATOR_HOST", &pubsub_host),
-        ("STORAGE_EMULATOR_HOST", &env.gcs_endpoint),
-    ]
-    .into_iter()
-    .map(|(key, value)| (key.to_string(), value.to_string()))
-    .collect();
-    for (key, value) in overrides {
-        environment.insert(key.to_string(), value.to_string());
-    }
-    environment
-}
 
 /// Validated settings for `env`.
 pub fn settings(env: &TestEnv, overrides: &[(&str, &str)]) -> anyhow::Result<Settings> {
@@ -126,33 +89,6 @@ fn init_logs() {
         .try_init();
 }
 
-/// GETs `http://127.0.0.1:PORT/PATH`; `None` while nothing listens there.
-pub async fn http_get(port: u16, path: &str) -> anyhow::Result<Option<(u16, String)>> {
-    let response = match reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .timeout(std::time::Duration::from_secs(5))
-        .send()
-        .await
-    {
-        Ok(response) => response,
-        Err(error) if error.is_connect() => return Ok(None),
-        Err(error) => return Err(error.into()),
-    };
-    let status = response.status().as_u16();
-    Ok(Some((status, response.text().await?)))
-}
-
-/// Sends `signal` (e.g. `-TERM`, `-KILL`) to a child process.
-pub async fn signal(child: &tokio::process::Child, signal: &str) -> anyhow::Result<()> {
-    let pid = child.id().context("the process is running")?;
-    let status = tokio::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .await?;
-    anyhow::ensure!(status.success(), "kill {signal} {pid}");
-    Ok(())
-}
-
 /// The string at JSON `pointer` (e.g. `/audio_id`, `/audio/generation`) of every event.
 pub fn event_strings(events: &[Received], pointer: &str) -> anyhow::Result<Vec<String>> {
     events
@@ -171,72 +107,32 @@ pub fn event_strings(events: &[Received], pointer: &str) -> anyhow::Result<Vec<S
 /// The `audio-store` binary built for these tests.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
 
-/// A worker process (`audio-store run`) with its own operations port; its
-/// stderr (the JSON log) goes to a file that [`Process::log`] reads.
-pub struct Process {
-    /// The process, for waiting on it.
-    pub child: tokio::process::Child,
-    /// The port of `/healthz`, `/readyz` and `/metrics`.
-    pub port: u16,
-    log: tempfile::NamedTempFile,
-}
+/// A worker process (`audio-store run`) of this test binary's build, with
+/// `env`'s environment. (A wrapper, not an alias, so that the tests can say
+/// `Process::spawn(&env, ...)`; it derefs to the kit's [`WorkerProcess`].)
+pub struct Process(WorkerProcess);
 
 impl Process {
-    /// Starts `audio-store run` with `env`'s environment plus `overrides`.
+    /// Starts `audio-store run` with `env`'s environment plus `overrides`; its
+    /// log goes to the kit's log directory.
     pub fn spawn(env: &TestEnv, overrides: &[(&str, &str)]) -> anyhow::Result<Process> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut all = vec![("AUDIO_STORE__HTTP__LISTEN", listen.as_str())];
-        all.extend_from_slice(overrides);
-        let log = tempfile::Builder::new()
-            .prefix("audio-store-worker-")
-            .suffix(".log")
-            .tempfile()?;
-        let child = tokio::process::Command::new(BINARY)
-            .arg("run")
-            .env_clear()
-            .envs(environment(env, &all))
-            .stdout(std::process::Stdio::null())
-            .stderr(log.reopen()?)
-            .kill_on_drop(true)
-            .spawn()?;
-        Ok(Process { child, port, log })
+        let log = testkit::process::log_dir().join(format!("worker-{}.log", testkit::unique(&env.id)));
+        let process = WorkerProcess::spawn(BINARY.as_ref(), &environment(env, overrides), &log)?;
+        Ok(Process(process))
     }
+}
 
-    /// A sample from `/metrics`, `None` until the endpoint answers.
-    pub async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
-        Ok(http_get(self.port, "/metrics").await?.map(|(_, text)| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-                .unwrap_or(0.0)
-        }))
+impl std::ops::Deref for Process {
+    type Target = WorkerProcess;
+
+    fn deref(&self) -> &WorkerProcess {
+        &self.0
     }
+}
 
-    /// `GET /readyz`: status and body, `None` until the endpoint answers.
-    pub async fn readyz(&self) -> anyhow::Result<Option<(u16, String)>> {
-        http_get(self.port, "/readyz").await
-    }
-
-    /// Sends `name` (e.g. `-TERM`) to the process.
-    pub async fn signal(&self, name: &str) -> anyhow::Result<()> {
-        signal(&self.child, name).await
-    }
-
-    /// The log so far, one JSON object per line.
-    pub fn log(&self) -> anyhow::Result<Vec<serde_json::Value>> {
-        let text = std::fs::read_to_string(self.log.path())?;
-        Ok(text
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect())
-    }
-
-    /// Waits up to `timeout` for the process to exit; its exit code.
-    pub async fn exit_code(&mut self, timeout: std::time::Duration) -> anyhow::Result<Option<i32>> {
-        let status = tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .with_context(|| format!("the worker did not exit within {timeout:?}"))??;
-        Ok(status.code())
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut WorkerProcess {
+        &mut self.0
     }
 }
 

@@ -1,14 +1,13 @@
 //! The worker end to end, driven in-process against the real emulators.
 
-use crate::harness::{
-    TestEnv, WAV_SAMPLE_RATE, crc32c_base64, crc32c_file, sample_png, sample_wav, wait_for, write_large_wav,
-};
 use crate::support::{Worker, audio_id_for, event_json, event_strings, settings};
 use anyhow::{Context as _, ensure};
 use audio_store::error::ErrorKind;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+use testkit::media::{PNG_SIZE, WAV_SAMPLE_RATE, sample_png, sample_wav, write_wav};
+use testkit::{TestEnv, crc32c_base64, crc32c_file, wait_for};
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to watch for an unwanted second event or redelivery.
@@ -19,7 +18,8 @@ async fn a_pair_is_stored_with_its_metadata_the_event_is_published_and_the_sourc
 -> anyhow::Result<()> {
     let env = TestEnv::new();
     env.create_resources().await?;
-    let audio_bytes = sample_wav(8_000);
+    // One second of audio.
+    let audio_bytes = sample_wav(WAV_SAMPLE_RATE as usize);
     let cover_bytes = sample_png();
     let audio = env.spool_file("night-drive.wav", &audio_bytes);
     let cover = env.spool_file("cover.png", &cover_bytes);
@@ -65,7 +65,8 @@ async fn a_pair_is_stored_with_its_metadata_the_event_is_published_and_the_sourc
     let audio_media = json!({"container": "wav", "codec": "pcm_s16le", "sample_rate": WAV_SAMPLE_RATE,
         "channels": 1, "bits_per_sample": 16, "duration_ms": 1_000,
         "bitrate": audio_bytes.len() * 8});
-    let cover_media = json!({"format": "png", "width": 4, "height": 4});
+    let (width, height) = PNG_SIZE;
+    let cover_media = json!({"format": "png", "width": width, "height": height});
     for (field, name, bytes, content_type, source, media, technical) in [
         (
             "audio",
@@ -88,7 +89,7 @@ async fn a_pair_is_stored_with_its_metadata_the_event_is_published_and_the_sourc
             "image/png",
             &cover,
             &cover_media,
-            vec![("width", "4".to_string()), ("height", "4".to_string())],
+            vec![("width", width.to_string()), ("height", height.to_string())],
         ),
     ] {
         let stored = env
@@ -547,10 +548,10 @@ async fn large_files_are_streamed_through_resumable_uploads_intact() -> anyhow::
     let env = TestEnv::new();
     env.create_resources().await?;
     let local = env.spool_path("big.wav");
-    write_large_wav(&local, LOCAL_LEN, 7)?;
+    write_wav(&local, LOCAL_LEN, 7)?;
     let local_crc32c = crc32c_file(&local)?;
     let staged_path = env.spool_path("staged-source.bin");
-    write_large_wav(&staged_path, STAGED_LEN, 8)?;
+    write_wav(&staged_path, STAGED_LEN, 8)?;
     let staged_bytes = std::fs::read(&staged_path)?;
     std::fs::remove_file(&staged_path)?;
     env.gcs
@@ -573,8 +574,8 @@ async fn large_files_are_streamed_through_resumable_uploads_intact() -> anyhow::
     ensure!(events.len() == 2, "{} of 2 events", events.len());
 
     for (id, size, crc32c) in [
-        ("big-local", LOCAL_LEN + 44, local_crc32c),
-        ("big-staged", STAGED_LEN + 44, crc32c_base64(&staged_bytes)),
+        ("big-local", LOCAL_LEN, local_crc32c),
+        ("big-staged", STAGED_LEN, crc32c_base64(&staged_bytes)),
     ] {
         let name = format!("audio/{}/audio.wav", audio_id_for(id));
         let stored = env.gcs.object(&env.bucket, &name).await?.context("stored")?;
@@ -607,11 +608,11 @@ async fn files_read_whole_or_streamed_are_stored_intact_and_recognised_when_rede
     const LIMIT: u64 = audio_store::source::IN_MEMORY_LIMIT;
     let env = TestEnv::new();
     env.create_resources().await?;
-    let sizes = [LIMIT - 44, LIMIT - 43, 3 * 1024 * 1024];
+    let sizes = [LIMIT, LIMIT + 1, 3 * 1024 * 1024];
     let mut sources = Vec::new();
     for (index, len) in sizes.iter().enumerate() {
         let path = env.spool_path(&format!("size-{index}.wav"));
-        write_large_wav(&path, *len, index as u64 + 11)?;
+        write_wav(&path, *len, index as u64 + 11)?;
         sources.push((format!("size-{index}"), path.clone(), std::fs::read(&path)?));
     }
     let worker = Worker::start(settings(&env, &[])?);

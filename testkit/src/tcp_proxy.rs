@@ -1,20 +1,19 @@
 //! A TCP proxy that can cut a service off, for the Pub/Sub emulator.
 //!
-//! The fault proxy ([`crate::proxy`]) parses HTTP/1.1 and cannot carry the
+//! The HTTP/1.1 fault proxy of the integration tests cannot carry the
 //! Pub/Sub client's gRPC (HTTP/2). This one copies bytes: [`TcpProxy::cut`]
 //! closes every connection through it and closes new ones at once, as if the
 //! service had become unreachable; [`TcpProxy::restore`] lets connections
 //! through again. The emulator behind it keeps its state, so messages
 //! published during a cut (directly to the emulator) are still there after it.
 //!
-//! Runs on its own thread with its own tokio runtime, like the fault proxy,
-//! and stops on drop.
+//! It runs as tasks on the runtime of whoever starts it, and stops on drop.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -24,13 +23,12 @@ pub struct TcpProxy {
     open: Arc<AtomicBool>,
     /// Bumped by every cut; connections end when it changes.
     cuts: watch::Sender<u64>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    accepting: tokio::task::JoinHandle<()>,
 }
 
 impl TcpProxy {
-    /// Starts a proxy for `upstream` (`127.0.0.1:PORT`); `open` says whether
-    /// connections get through from the start.
+    /// Starts a proxy for `upstream` (`127.0.0.1:PORT`) on the current tokio
+    /// runtime; `open` says whether connections get through from the start.
     pub fn start(upstream: &str, open: bool) -> Result<TcpProxy> {
         let upstream: SocketAddr = upstream
             .trim_start_matches("http://")
@@ -40,45 +38,15 @@ impl TcpProxy {
             std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding the tcp proxy")?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
+        let listener = TcpListener::from_std(listener).context("registering the tcp proxy's listener")?;
         let open = Arc::new(AtomicBool::new(open));
         let (cuts, _) = watch::channel(0u64);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building the tcp proxy's runtime")?;
-        let (thread_open, thread_cuts) = (open.clone(), cuts.clone());
-        let (started, ready) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("tcp-proxy-{port}"))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(error) => {
-                            let _ = started.send(Err(error));
-                            return;
-                        }
-                    };
-                    let _ = started.send(Ok(()));
-                    tokio::select! {
-                        _ = stopped => {}
-                        () = accept(listener, upstream, thread_open, thread_cuts) => {}
-                    }
-                });
-            })
-            .context("spawning the tcp proxy's thread")?;
-        match ready.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(error).context("registering the tcp proxy's listener"),
-            Err(_) => return Err(anyhow!("the tcp proxy's thread ended while starting")),
-        }
+        let accepting = tokio::spawn(accept(listener, upstream, open.clone(), cuts.clone()));
         Ok(TcpProxy {
             port,
             open,
             cuts,
-            stop: Some(stop),
-            thread: Some(thread),
+            accepting,
         })
     }
 
@@ -101,12 +69,9 @@ impl TcpProxy {
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.accepting.abort();
+        // Ends the connections too.
+        self.cut();
     }
 }
 
@@ -117,19 +82,17 @@ async fn accept(
     cuts: watch::Sender<u64>,
 ) {
     loop {
-        let Ok((client, _)) = listener.accept().await else {
+        let Ok((mut client, _)) = listener.accept().await else {
             continue;
         };
         if !open.load(Ordering::SeqCst) {
-            drop(client);
             continue;
         }
         let mut cut = cuts.subscribe();
         tokio::spawn(async move {
-            let Ok(server) = TcpStream::connect(upstream).await else {
+            let Ok(mut server) = TcpStream::connect(upstream).await else {
                 return;
             };
-            let (mut client, mut server) = (client, server);
             tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                 _ = cut.changed() => {}

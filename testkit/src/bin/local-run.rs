@@ -1,0 +1,320 @@
+//! `scripts/local-run`: audio-store end to end on this machine, against the
+//! emulators of the test kit.
+//!
+//! Starts the Pub/Sub emulator and fake-gcs-server on loopback addresses,
+//! runs `audio-store setup` with `config/local.toml` (names, endpoints and
+//! the spool directory overridden by `AUDIO_STORE__*` variables), writes a
+//! sample track and cover from the test fixtures into a spool directory,
+//! starts `audio-store run` and waits for `/readyz` 200, publishes one
+//! message with `audio-store publish`, prints the "audio stored" event, the
+//! stored objects and the emptied spool, and stops everything, also on
+//! Ctrl-C or SIGTERM. Everything lives in a fresh run directory under the
+//! temp dir, removed at the end unless `KEEP=1`.
+//!
+//! Usage: `local-run [AUDIO_STORE_BINARY]` (default `target/debug/audio-store`).
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use testkit::emulators::repository_root;
+use testkit::process::{log_tail, use_log_dir};
+use testkit::{FakeGcs, GcsRest, PubsubEmulator, PubsubRest, SubscriptionOptions, WorkerProcess, media};
+use tokio::signal::unix::{SignalKind, signal};
+
+const PROJECT: &str = "local-project";
+const TOPIC: &str = "audio-processed";
+const STORED_TOPIC: &str = "audio-stored";
+const BUCKET: &str = "audio-archive";
+/// A subscription of this run's own on the stored topic, to read the event back.
+const WATCH_SUBSCRIPTION: &str = "audio-stored-watch";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// What this run started, for the cleanup.
+#[derive(Default)]
+struct Started {
+    pubsub: Option<PubsubEmulator>,
+    gcs: Option<FakeGcs>,
+    worker: Option<WorkerProcess>,
+}
+
+fn step(text: &str) {
+    if std::io::stdout().is_terminal() {
+        println!("\x1b[32m==>\x1b[0m \x1b[1m{text}\x1b[0m");
+    } else {
+        println!("==> {text}");
+    }
+}
+
+fn info(text: &str) {
+    for line in text.lines() {
+        println!("    {line}");
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let keep = std::env::var("KEEP").is_ok_and(|value| value == "1");
+    let binary = std::env::args_os().nth(1).map_or_else(
+        || repository_root().join("target/debug/audio-store"),
+        PathBuf::from,
+    );
+    let run_dir = match tempfile::Builder::new().prefix("audio-store-local.").tempdir() {
+        Ok(dir) => dir,
+        Err(error) => {
+            eprintln!("error: cannot create the run directory: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let mut started = Started::default();
+    let outcome = tokio::select! {
+        outcome = demo(&mut started, &binary, run_dir.path()) => outcome,
+        name = interrupted() => Err(anyhow!("interrupted ({name}): stopping everything this run started")),
+    };
+    if let Err(error) = &outcome {
+        eprintln!("error: {error:#}");
+    }
+    if let Some(mut worker) = started.worker.take() {
+        // Ctrl-C reached the worker too (same process group); SIGTERM covers the rest.
+        let _ = worker.signal("-TERM").await;
+        if worker.exit_code(Duration::from_secs(40)).await.is_err() {
+            eprintln!("    the worker did not stop within 40 s; killing it");
+        }
+    }
+    drop(started);
+    if keep {
+        eprintln!("    kept the run directory: {}", run_dir.keep().display());
+    } else if outcome.is_err() {
+        eprintln!("    (KEEP=1 scripts/local-run keeps the run directory with all logs)");
+    }
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(_) => std::process::ExitCode::FAILURE,
+    }
+}
+
+/// Resolves with the name of the first SIGINT or SIGTERM.
+async fn interrupted() -> &'static str {
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()> {
+    ensure!(
+        binary.exists(),
+        "{} is missing: run `cargo build --bin audio-store`",
+        binary.display()
+    );
+    use_log_dir(run_dir)?;
+    info(&format!("run directory: {}", run_dir.display()));
+    let spool = run_dir.join("spool");
+    std::fs::create_dir(&spool)?;
+
+    step("starting the Pub/Sub emulator and fake-gcs-server on loopback");
+    let pubsub = started
+        .pubsub
+        .insert(tokio::task::spawn_blocking(PubsubEmulator::start).await??);
+    let pubsub_endpoint = pubsub.endpoint();
+    let gcs = started
+        .gcs
+        .insert(tokio::task::spawn_blocking(FakeGcs::start_memory).await??);
+    let gcs_endpoint = gcs.endpoint();
+    info(&format!(
+        "Pub/Sub emulator {pubsub_endpoint}, fake-gcs-server {gcs_endpoint} (port 80)"
+    ));
+
+    let config = run_dir.join("config.toml");
+    std::fs::copy(repository_root().join("config/local.toml"), &config)?;
+    let environment = environment(&config, &pubsub_endpoint, &gcs_endpoint, &spool);
+    step("configuration: config/local.toml, with AUDIO_STORE__* overrides");
+    let effective = run_dir.join("effective-config.toml");
+    std::fs::write(&effective, run(binary, &environment, &["check-config"]).await?)?;
+    info(&format!("effective configuration: {}", effective.display()));
+
+    step("audio-store setup");
+    info(&run(binary, &environment, &["setup"]).await?);
+    let pubsub_rest = PubsubRest::new(&pubsub_endpoint, PROJECT);
+    let watch = SubscriptionOptions {
+        ack_deadline_seconds: Some(30),
+        ..SubscriptionOptions::default()
+    };
+    pubsub_rest
+        .create_subscription(WATCH_SUBSCRIPTION, STORED_TOPIC, watch)
+        .await?;
+    info(&format!(
+        "created subscription {WATCH_SUBSCRIPTION} on {STORED_TOPIC} (to watch for the event)"
+    ));
+
+    step("writing a sample track and cover (from tests/fixtures/media) into the spool directory");
+    let audio = spool.join("night-drive.wav");
+    let cover = spool.join("cover.png");
+    for (path, fixture) in [(&audio, media::WAV_FIXTURE), (&cover, media::PNG_FIXTURE)] {
+        std::fs::write(path, media::fixture(fixture))?;
+        info(&format!(
+            "{} ({fixture}, {} bytes)",
+            path.display(),
+            std::fs::metadata(path)?.len()
+        ));
+    }
+
+    step("starting the worker: audio-store run (log: worker.log), waiting for GET /readyz 200");
+    let log = run_dir.join("worker.log");
+    let worker = started
+        .worker
+        .insert(WorkerProcess::spawn(binary, &environment, &log)?);
+    let waiting = Instant::now();
+    while !matches!(worker.readyz().await?, Some((200, _))) {
+        if let Some(status) = worker.child.try_wait()? {
+            bail!("the worker exited early ({status}):\n{}", log_tail(&log));
+        }
+        ensure!(
+            waiting.elapsed() < WAIT,
+            "the worker was not ready within 60 s:\n{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    info(&format!(
+        "ready after {:.1} s (http://127.0.0.1:{})",
+        waiting.elapsed().as_secs_f64(),
+        worker.port
+    ));
+
+    step("audio-store publish (one \"audio processed\" message)");
+    let (audio, cover) = (audio.display().to_string(), cover.display().to_string());
+    let args = [
+        "publish",
+        "--audio",
+        &audio,
+        "--thumbnail",
+        &cover,
+        "--id",
+        "demo-track-1",
+    ];
+    let args = [
+        &args[..],
+        &["--meta", "title=Night Drive", "--meta", "user_id=u123"],
+    ]
+    .concat();
+    let message_id = run(binary, &environment, &args).await?;
+    info(&format!("published message id {} to {TOPIC}", message_id.trim()));
+
+    step(&format!("the \"audio stored\" event on {STORED_TOPIC}"));
+    let events = pubsub_rest.collect(WATCH_SUBSCRIPTION, 1, WAIT).await?;
+    let event = events
+        .first()
+        .with_context(|| format!("no event within 60 s:\n{}", log_tail(&log)))?;
+    info(&format!(
+        "message id {}, published {}, attributes:",
+        event.message_id, event.publish_time
+    ));
+    for (key, value) in &event.attributes {
+        info(&format!("  {key} = {value}"));
+    }
+    info(&serde_json::to_string_pretty(&event.json()?)?);
+
+    step(&format!("objects in gs://{BUCKET} (fake-gcs-server)"));
+    let objects = GcsRest::new(&gcs_endpoint).list(BUCKET, "").await?;
+    ensure!(!objects.is_empty(), "the bucket is empty");
+    for object in &objects {
+        info(&format!(
+            "{}  {} bytes  crc32c {}",
+            object.name, object.size, object.crc32c
+        ));
+        let metadata: Vec<String> = object
+            .metadata
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        info(&format!("  {}", metadata.join(" ")));
+    }
+
+    step(&format!(
+        "the spool directory after the worker ({})",
+        spool.display()
+    ));
+    // The worker deletes the sources right after the ack; give it a moment.
+    testkit::wait_for(
+        "the worker to remove the sources",
+        Duration::from_secs(5),
+        || async { Ok((std::fs::read_dir(&spool)?.count() == 0).then_some(())) },
+    )
+    .await?;
+    info("empty: the worker removed night-drive.wav and cover.png after storing them");
+
+    step("stopping the worker (SIGTERM, graceful shutdown) and the emulators");
+    let mut worker = started.worker.take().context("the worker runs")?;
+    worker.signal("-TERM").await?;
+    let code = worker.exit_code(Duration::from_secs(40)).await?;
+    ensure!(
+        code == Some(0),
+        "the worker exited with {code:?}, not 0:\n{}",
+        log_tail(&log)
+    );
+    let last = worker.log()?.pop().unwrap_or_default();
+    info(&format!(
+        "exited with status 0; its last log line: {}",
+        last["message"]
+    ));
+    started.gcs.take();
+    started.pubsub.take();
+    step("done");
+    Ok(())
+}
+
+/// The product's configuration for this run: `config/local.toml` (copied to
+/// `config`) with the names, the emulators and the spool as variables.
+fn environment(config: &Path, pubsub: &str, gcs: &str, spool: &Path) -> BTreeMap<String, String> {
+    let (config, spool) = (config.display().to_string(), spool.display().to_string());
+    [
+        ("AUDIO_STORE_CONFIG", config.as_str()),
+        ("PUBSUB_EMULATOR_HOST", pubsub.trim_start_matches("http://")),
+        ("STORAGE_EMULATOR_HOST", gcs),
+        // An endpoint in the file would otherwise take precedence over *_EMULATOR_HOST.
+        ("AUDIO_STORE__PUBSUB__ENDPOINT", pubsub),
+        ("AUDIO_STORE__STORAGE__ENDPOINT", gcs),
+        ("AUDIO_STORE__PUBSUB__PROJECT", PROJECT),
+        ("AUDIO_STORE__PUBSUB__TOPIC", TOPIC),
+        ("AUDIO_STORE__PUBSUB__SUBSCRIPTION", "audio-processed-store"),
+        ("AUDIO_STORE__PUBSUB__STORED_TOPIC", STORED_TOPIC),
+        ("AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC", "audio-processed-dlq"),
+        (
+            "AUDIO_STORE__PUBSUB__DEAD_LETTER_SUBSCRIPTION",
+            "audio-processed-dlq-sub",
+        ),
+        ("AUDIO_STORE__STORAGE__BUCKET", BUCKET),
+        ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", spool.as_str()),
+        ("AUDIO_STORE__LOG__FORMAT", "json"),
+        ("AUDIO_STORE__HTTP__LISTEN", "127.0.0.1:0"),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_string(), value.to_string()))
+    .collect()
+}
+
+/// Runs `audio-store ARGS` to completion; its stdout, or an error with its stderr.
+async fn run(binary: &Path, environment: &BTreeMap<String, String>, args: &[&str]) -> Result<String> {
+    let output = tokio::process::Command::new(binary)
+        .args(args)
+        .env_clear()
+        .envs(environment)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim_end().to_string();
+    ensure!(
+        output.status.success(),
+        "audio-store {} failed:\n{}",
+        args[0],
+        text(&output.stderr)
+    );
+    Ok(text(&output.stdout))
+}

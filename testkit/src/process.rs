@@ -1,0 +1,286 @@
+//! Service processes that cannot outlive their owner, and where their logs go.
+//!
+//! Shared services live in statics, which Rust never drops. Every service
+//! therefore runs in its own process group next to a small `sh` watchdog (in
+//! a process group of its own as well) that kills the group once the owning
+//! process is gone, whether it exited, panicked or was killed. Output goes to
+//! [`log_dir`]; log directories of processes that no longer run are removed
+//! when the next one starts.
+//!
+//! Nothing here is bound to a tokio runtime (each `#[tokio::test]` has its
+//! own): processes are spawned with `std::process` and readiness is probed
+//! with `std::net`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// How long a service may take to answer its readiness probe.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Interval between readiness probes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Prefix of the per-process log directories under the temp dir.
+const LOG_DIR_PREFIX: &str = "audio-store-it-";
+
+static LOG_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// The log directory of this process: `$TMPDIR/audio-store-it-<pid>/` unless
+/// [`use_log_dir`] chose another first.
+///
+/// Created on first use; log directories of processes that no longer run are
+/// removed at that moment.
+pub fn log_dir() -> &'static Path {
+    LOG_DIR.get_or_init(|| {
+        remove_stale_log_dirs();
+        let dir = std::env::temp_dir().join(format!("{LOG_DIR_PREFIX}{}", std::process::id()));
+        fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create the log dir {}: {e}", dir.display()));
+        dir
+    })
+}
+
+/// Makes `dir` (which must exist) the [`log_dir`]; fails once a log was written elsewhere.
+pub fn use_log_dir(dir: &Path) -> Result<()> {
+    LOG_DIR
+        .set(dir.to_path_buf())
+        .map_err(|used| anyhow!("the log dir is already {}", used.display()))
+}
+
+fn remove_stale_log_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix(LOG_DIR_PREFIX));
+        if let Some(pid) = pid.and_then(|pid| pid.parse::<u32>().ok())
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            // Best effort: another process may be removing it at the same time.
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Fails with the one line that tells what to do when a tool is missing.
+pub(crate) fn require_executable(path: &Path, what: &str) -> Result<()> {
+    let executable = fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if !executable {
+        bail!(
+            "{what} is missing at {}: run scripts/install-tools",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// A service process in its own process group plus the watchdog that kills
+/// that group once this process is gone.
+pub(crate) struct Supervised {
+    what: String,
+    child: Child,
+    watchdog: Child,
+    log: PathBuf,
+}
+
+/// Why a service did not become ready.
+pub(crate) struct StartFailure {
+    pub(crate) error: anyhow::Error,
+    /// Whether starting it again elsewhere (another port or address) may work.
+    pub(crate) retryable: bool,
+}
+
+impl StartFailure {
+    pub(crate) fn fatal(error: anyhow::Error) -> StartFailure {
+        StartFailure {
+            error,
+            retryable: false,
+        }
+    }
+}
+
+impl Supervised {
+    /// Starts `program` with its output appended to `log`.
+    pub(crate) fn spawn(what: &str, program: &Path, args: &[String], log: &Path) -> Result<Supervised> {
+        let mut log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening the log file {}", log.display()))?;
+        writeln!(log_file, "--- starting {} {}", program.display(), args.join(" "))?;
+        let mut child = Command::new(program)
+            .args(args)
+            .current_dir(log_dir())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("spawning {what} ({})", program.display()))?;
+        // The child leads its own process group, so its pid is the group id.
+        let (pgid, owner) = (child.id(), std::process::id());
+        let script = format!(
+            "while kill -0 {owner} 2>/dev/null; do sleep 1; done; \
+             kill -TERM -{pgid} 2>/dev/null || exit 0; \
+             i=0; while kill -0 -{pgid} 2>/dev/null && [ $i -lt 30 ]; do sleep 0.1; i=$((i+1)); done; \
+             kill -KILL -{pgid} 2>/dev/null; exit 0"
+        );
+        let watchdog = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn();
+        match watchdog {
+            Ok(watchdog) => Ok(Supervised {
+                what: what.to_string(),
+                child,
+                watchdog,
+                log: log.to_path_buf(),
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e).with_context(|| format!("spawning the watchdog of {what}"))
+            }
+        }
+    }
+
+    /// Polls `ready` until it returns true. Fails, with the log tail, when the
+    /// process exits first or its log shows `failure_marker` (both retryable:
+    /// most likely the address was taken), or after [`READY_TIMEOUT`].
+    pub(crate) fn wait_ready(
+        &mut self,
+        failure_marker: Option<&str>,
+        ready: impl Fn() -> bool,
+    ) -> Result<(), StartFailure> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let exited = self.child.try_wait().map_err(|e| StartFailure::fatal(e.into()))?;
+            if let Some(status) = exited {
+                return Err(self.failure(&format!("exited ({status}) before it became ready"), true));
+            }
+            if let Some(marker) = failure_marker
+                && fs::read_to_string(&self.log).is_ok_and(|log| log.contains(marker))
+            {
+                return Err(self.failure(&format!("failed to start ({marker})"), true));
+            }
+            if ready() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.failure(&format!("did not become ready within {READY_TIMEOUT:?}"), false));
+            }
+            std::thread::sleep(PROBE_INTERVAL);
+        }
+    }
+
+    fn failure(&self, problem: &str, retryable: bool) -> StartFailure {
+        let error = anyhow!(
+            "{} {problem}; log {}:\n{}",
+            self.what,
+            self.log.display(),
+            log_tail(&self.log)
+        );
+        StartFailure { error, retryable }
+    }
+
+    /// SIGKILLs the service and its watchdog and reaps both.
+    pub(crate) fn kill(mut self) -> Result<()> {
+        // kill() fails only when the child had already exited, which is fine.
+        let _ = self.child.kill();
+        self.child
+            .wait()
+            .with_context(|| format!("waiting for {} to exit", self.what))?;
+        let _ = self.watchdog.kill();
+        self.watchdog.wait()?;
+        Ok(())
+    }
+}
+
+/// The last ~40 lines (at most 8 KiB) of a log file, for error messages.
+pub fn log_tail(path: &Path) -> String {
+    const MAX: u64 = 8 * 1024;
+    let read = || -> std::io::Result<String> {
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(MAX)))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match read() {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        }
+        Err(e) => format!("(cannot read the log: {e})"),
+    }
+}
+
+/// A minimal blocking HTTP GET over std::net, for readiness probes: the status
+/// and the body as far as it was read (the Pub/Sub emulator ignores
+/// `Connection: close`, so reading stops after `content-length` bytes, at EOF
+/// or at the read timeout).
+pub(crate) fn probe_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let read = match stream.read(&mut buffer) {
+            Ok(read) => read,
+            Err(e) if response.is_empty() => return Err(e),
+            Err(_) => 0,
+        };
+        response.extend_from_slice(&buffer[..read]);
+        let text = String::from_utf8_lossy(&response);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            });
+            if read == 0 || length.is_some_and(|length| body.len() >= length) {
+                let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok());
+                return Ok((
+                    status.ok_or_else(|| invalid("no http status line"))?,
+                    body.to_string(),
+                ));
+            }
+        }
+        if read == 0 {
+            return Err(invalid("incomplete http response"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tool_says_in_one_line_to_run_install_tools() {
+        let error = require_executable(Path::new("/nonexistent/fake-gcs-server"), "fake-gcs-server")
+            .expect_err("the tool is missing");
+        assert_eq!(
+            error.to_string(),
+            "fake-gcs-server is missing at /nonexistent/fake-gcs-server: run scripts/install-tools"
+        );
+    }
+}
