@@ -25,8 +25,6 @@
 //! - [`monitor`] — liveness and the Pub/Sub probe, beside the worker loop.
 //! - [`telemetry`] — logging.
 
-#![forbid(unsafe_code)]
-
 pub mod config;
 pub mod content;
 pub mod dead_letter;

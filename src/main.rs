@@ -1,8 +1,6 @@
 //! The `audio-store` binary: parses arguments, loads the settings, starts
 //! telemetry and calls into the library.
 
-#![forbid(unsafe_code)]
-
 use audio_store::config::{ConfigError, Environment, Settings};
 use audio_store::error::chain;
 use audio_store::publish::ProcessedMessage;

@@ -104,9 +104,10 @@ impl Cpu {
 }
 
 pub fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no memory effects.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
+    match rustix::param::clock_ticks_per_second() {
+        0 => 100.0,
+        ticks => ticks as f64,
+    }
 }
 
 /// User + system CPU seconds of a process (all its threads); 0 when it is gone.

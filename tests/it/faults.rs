@@ -1,12 +1,12 @@
 //! Cloud Storage misbehaving under the worker: errors, dropped connections,
 //! latency, an outage, slow uploads past the ack deadline, random faults.
 
-use crate::proxy::FaultProxy;
 use crate::support::{Worker, audio_id_for, event_strings, settings};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use testkit::FaultProxy;
 use testkit::media::{sample_png, sample_wav, write_wav};
 use testkit::{FakeGcs, TestEnv, crc32c_base64, crc32c_file};
 

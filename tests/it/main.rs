@@ -8,7 +8,6 @@ mod failures;
 mod faults;
 mod media;
 mod operations;
-mod proxy;
 mod pulling;
 mod replay;
 mod resilience;

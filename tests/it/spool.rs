@@ -3,7 +3,6 @@
 //! it is stored, one logical message under other names, and sources whose
 //! names say nothing about their content.
 
-use crate::proxy::FaultProxy;
 use crate::support::{Worker, audio_id_for, next_event, settings};
 use anyhow::{Context as _, ensure};
 use audio_store::source::KeptReason;
@@ -14,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use testkit::FaultProxy;
 use testkit::media::{sample_png, sample_wav, write_wav};
 use testkit::{FakeGcs, TestEnv, crc32c_base64, wait_for};
 

@@ -94,16 +94,19 @@ fn serde_derives_stay_in_the_edge_modules() -> anyhow::Result<()> {
 }
 
 #[test]
-fn the_library_and_the_binary_forbid_unsafe_code() -> anyhow::Result<()> {
-    let files = sources()?;
-    for root in ["lib", "main"] {
-        let (_, text) = files
-            .iter()
-            .find(|(name, _)| name == root)
-            .ok_or_else(|| anyhow::anyhow!("{root}"))?;
+fn every_crate_of_the_workspace_forbids_unsafe_code() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for manifest in ["Cargo.toml", "testkit/Cargo.toml"] {
+        let text = std::fs::read_to_string(root.join(manifest))?;
+        let table: toml::Table = text.parse()?;
+        let forbidden = table
+            .get("lints")
+            .and_then(|lints| lints.get("rust"))
+            .and_then(|rust| rust.get("unsafe_code"))
+            .and_then(|level| level.as_str());
         anyhow::ensure!(
-            text.contains("#![forbid(unsafe_code)]"),
-            "src/{root}.rs forbids unsafe code"
+            forbidden == Some("forbid"),
+            "{manifest}: [lints.rust] unsafe_code = \"forbid\" (got {forbidden:?})"
         );
     }
     Ok(())
