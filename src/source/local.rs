@@ -2,16 +2,13 @@
 //! beneath its root with no symlink on the way.
 
 use super::SourceError;
+use super::beneath::open_beneath;
 use super::spool_entry::{KeptReason, SpoolEntry};
-use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
-use std::ffi::{OsStr, OsString};
 use std::fmt;
-use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Files no larger than this are read whole by [`open_local`], in the same
 /// blocking call that checks and opens them; larger ones are streamed. One
@@ -211,84 +208,6 @@ fn beneath_a_root(canonical: &Path, roots: &[PathBuf]) -> Option<(PathBuf, PathB
     })
 }
 
-/// Opens `relative` (no `..`, no symlinks expected) beneath the directory
-/// `root`: its parent directory's descriptor, its name, and the file opened
-/// for reading. No symlink is followed anywhere, the root's own path included.
-fn open_beneath(root: &Path, relative: &Path) -> std::io::Result<(OwnedFd, OsString, OwnedFd)> {
-    let directory_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let file_flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let name = relative
-        .file_name()
-        .ok_or_else(|| std::io::Error::from(Errno::INVAL))?
-        .to_os_string();
-    let root = open_no_symlinks(rustix::fs::CWD, root, directory_flags)?;
-    let directory = match relative.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => {
-            open_no_symlinks(root.as_fd(), parent, directory_flags)?
-        }
-        _ => root,
-    };
-    let file = open_no_symlinks(directory.as_fd(), Path::new(&name), file_flags)?;
-    Ok((directory, name, file))
-}
-
-/// Set once `openat2` turned out to be unavailable (old kernel, seccomp filter).
-static OPENAT2_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
-
-/// Opens `path` from `directory` following no symlink (nor `..` out of it):
-/// `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`
-/// (an absolute path from the current directory: `RESOLVE_NO_SYMLINKS` only),
-/// or, where `openat2` is missing, [`walk_no_symlinks`].
-pub(super) fn open_no_symlinks(directory: impl AsFd, path: &Path, flags: OFlags) -> std::io::Result<OwnedFd> {
-    if !OPENAT2_UNAVAILABLE.load(Ordering::Relaxed) {
-        let mut resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-        if !path.is_absolute() {
-            resolve |= ResolveFlags::BENEATH;
-        }
-        match rustix::fs::openat2(
-            directory.as_fd(),
-            path,
-            flags | OFlags::NOFOLLOW,
-            Mode::empty(),
-            resolve,
-        ) {
-            Err(Errno::NOSYS | Errno::PERM) => OPENAT2_UNAVAILABLE.store(true, Ordering::Relaxed),
-            other => return other.map_err(Into::into),
-        }
-    }
-    walk_no_symlinks(directory, path, flags)
-}
-
-/// Opens `path` one component at a time with `O_NOFOLLOW`: a symlink on the
-/// way fails (`ENOTDIR` for a directory, `ELOOP` for the last component), and
-/// `..` is refused (`EXDEV`), like `openat2`'s `RESOLVE_BENEATH`.
-fn walk_no_symlinks(directory: impl AsFd, path: &Path, flags: OFlags) -> std::io::Result<OwnedFd> {
-    use std::path::Component;
-    let components: Vec<Component<'_>> = path.components().collect();
-    let mut current: Option<OwnedFd> = None;
-    for (index, component) in components.iter().enumerate() {
-        let last = index + 1 == components.len();
-        let step_flags = if last {
-            flags | OFlags::NOFOLLOW
-        } else {
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
-        };
-        let name: &OsStr = match component {
-            Component::RootDir => OsStr::new("/"),
-            Component::Normal(name) => name,
-            Component::CurDir => OsStr::new("."),
-            Component::ParentDir | Component::Prefix(_) => return Err(Errno::XDEV.into()),
-        };
-        let base = match &current {
-            Some(fd) => fd.as_fd(),
-            None => directory.as_fd(),
-        };
-        let opened = rustix::fs::openat(base, name, step_flags, Mode::empty())?;
-        current = Some(opened);
-    }
-    current.ok_or_else(|| Errno::INVAL.into())
-}
-
 /// CRC32C of a whole open file, hashed on the blocking pool; leaves it rewound to the start.
 pub async fn crc32c_of_file(file: &mut tokio::fs::File) -> std::io::Result<u32> {
     use std::io::Seek as _;
@@ -345,6 +264,10 @@ fn lexically_normal(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::beneath::walk_no_symlinks;
+    use rustix::fs::{Mode, OFlags};
+    use std::ffi::{OsStr, OsString};
+    use std::os::fd::OwnedFd;
 
     #[tokio::test]
     async fn a_file_inside_a_root_resolves() -> Result<(), Box<dyn std::error::Error>> {

@@ -17,6 +17,7 @@
 //! `local.rs` (opening a local file beneath its root), `spool_entry.rs`
 //! (removing exactly the file that was read).
 
+mod beneath;
 mod local;
 mod spool_entry;
 

@@ -1,7 +1,8 @@
 //! A local source as it was opened, and its removal after the ack: only that
 //! very file, and only while its directory is still where it was.
 
-use super::local::{FileIdentity, open_no_symlinks};
+use super::beneath::open_no_symlinks;
+use super::local::FileIdentity;
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 use std::ffi::{OsStr, OsString};
