@@ -2,8 +2,8 @@
 //! product's own clients: uploads (`Store`), input messages (`Outbox`) and
 //! "audio stored" events (`Inbox`).
 
-use crate::Input;
-use crate::Setup;
+use crate::scenarios::Input;
+use crate::scenarios::Setup;
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use audio_store::pubsub::{BUSY_BATCHING, Inbox, Outbox};
 use audio_store::source::LocalContent;
