@@ -130,12 +130,28 @@ impl StoredEvent {
         serde_json::to_vec(self).expect("an event of strings and numbers always serialises")
     }
 
-    /// The event's attributes: `audio_id` and `event_type`.
-    pub fn attributes(audio_id: AudioId) -> [(String, String); 2] {
+    /// The event's attributes: `audio_id` and `event_type` (always
+    /// [`EVENT_TYPE`], for subscriptions that filter on it), and the
+    /// CloudEvents 1.0 Pub/Sub binding in binary mode: `ce-specversion`,
+    /// `ce-id` (the same for every repetition of this logical event),
+    /// `ce-source`, `ce-type`, `ce-subject` (the audio id), `ce-time`
+    /// (`stored_at`) and `content-type`.
+    pub fn attributes(&self, audio_id: AudioId, source: &str, event_type: &str) -> Vec<(String, String)> {
+        let id = uuid::Uuid::new_v5(&audio_id.uuid(), event_type.as_bytes());
         [
-            ("audio_id".into(), audio_id.to_string()),
-            ("event_type".into(), EVENT_TYPE.into()),
+            ("audio_id", audio_id.to_string()),
+            ("event_type", EVENT_TYPE.to_string()),
+            ("ce-specversion", "1.0".to_string()),
+            ("ce-id", id.to_string()),
+            ("ce-source", source.to_string()),
+            ("ce-type", event_type.to_string()),
+            ("ce-subject", audio_id.to_string()),
+            ("ce-time", self.stored_at.clone()),
+            ("content-type", "application/json".to_string()),
         ]
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value))
+        .collect()
     }
 }
 
@@ -157,8 +173,7 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn a_missing_thumbnail_is_null_and_a_missing_md5_is_absent() -> Result<(), serde_json::Error> {
+    fn sample_event() -> StoredEvent {
         let object = StoredObject {
             uri: "gs://b/n".into(),
             bucket: "b".into(),
@@ -175,7 +190,7 @@ mod tests {
             },
             storage_class: None,
         };
-        let event = StoredEvent {
+        StoredEvent {
             audio_id: "id".into(),
             audio: object,
             thumbnail: None,
@@ -186,7 +201,12 @@ mod tests {
             },
             metadata: BTreeMap::new(),
             stored_at: "2026-11-24T01:02:03.456Z".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_missing_thumbnail_is_null_and_a_missing_md5_is_absent() -> Result<(), serde_json::Error> {
+        let event = sample_event();
         let json: serde_json::Value = serde_json::from_slice(&event.to_json())?;
         assert_eq!(json["thumbnail"], serde_json::Value::Null);
         assert!(json["audio"].get("md5").is_none());
@@ -197,5 +217,29 @@ mod tests {
             serde_json::json!({"format": "png", "width": 1, "height": 2})
         );
         Ok(())
+    }
+
+    #[test]
+    fn the_cloudevents_attributes_are_stable_for_one_logical_event() {
+        let audio_id = AudioId::from_key(crate::identity::IdentityKey::choose(Some("x"), None, None, "m"));
+        let attributes = |stored_at: &str| -> BTreeMap<String, String> {
+            let event = StoredEvent {
+                stored_at: stored_at.into(),
+                ..sample_event()
+            };
+            event
+                .attributes(audio_id, "//src", "audio.stored")
+                .into_iter()
+                .collect()
+        };
+        let first = attributes("2026-11-24T01:02:03.456Z");
+        let again = attributes("2026-11-25T00:00:00.000Z");
+        assert_eq!(first["ce-specversion"], "1.0");
+        assert_eq!(first["ce-id"], again["ce-id"]);
+        assert_eq!(first["ce-subject"], audio_id.to_string());
+        assert_eq!(first["ce-time"], "2026-11-24T01:02:03.456Z");
+        assert_eq!(first["ce-source"], "//src");
+        assert_eq!(first["content-type"], "application/json");
+        assert_eq!(first["event_type"], EVENT_TYPE);
     }
 }

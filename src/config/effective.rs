@@ -26,6 +26,8 @@ impl Settings {
                 redelivery_max_backoff: humantime::format_duration(self.pubsub.redelivery_max_backoff)
                     .to_string(),
                 endpoint: self.pubsub.endpoint.redacted(),
+                event_source: self.pubsub.event_source.clone(),
+                event_type: self.pubsub.event_type.clone(),
             },
             storage: RawStorage {
                 bucket: self.storage.bucket.clone(),

@@ -159,6 +159,10 @@ pub struct PubsubSettings {
     pub redelivery_max_backoff: Duration,
     /// Where to reach Pub/Sub.
     pub endpoint: Endpoint,
+    /// `ce-source` of the stored event.
+    pub event_source: String,
+    /// `ce-type` of the stored event.
+    pub event_type: String,
 }
 
 /// Validated `[storage]`.

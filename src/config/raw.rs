@@ -49,6 +49,11 @@ pub struct RawPubsub {
     pub redelivery_max_backoff: String,
     /// API endpoint, e.g. `http://127.0.0.1:8085`; empty means Google's, or `PUBSUB_EMULATOR_HOST`.
     pub endpoint: String,
+    /// `ce-source` of the stored event (a URI reference); empty means
+    /// `//audio-store/projects/P/subscriptions/S`.
+    pub event_source: String,
+    /// `ce-type` of the stored event.
+    pub event_type: String,
 }
 
 impl Default for RawPubsub {
@@ -65,6 +70,8 @@ impl Default for RawPubsub {
             redelivery_min_backoff: "10s".into(),
             redelivery_max_backoff: "600s".into(),
             endpoint: String::new(),
+            event_source: String::new(),
+            event_type: crate::event::EVENT_TYPE.into(),
         }
     }
 }

@@ -439,3 +439,42 @@ fn a_table_key_set_from_the_environment_says_it_belongs_in_the_file() {
         "{error}"
     );
 }
+
+#[test]
+fn the_event_source_defaults_from_the_subscription_and_is_checked() -> Result<(), ConfigError> {
+    let settings = Settings::load(None, &minimal())?;
+    assert_eq!(
+        settings.pubsub.event_source,
+        "//audio-store/projects/demo-project/subscriptions/audio-in-sub"
+    );
+    assert_eq!(settings.pubsub.event_type, "audio.stored");
+    let custom = with(
+        with(
+            minimal(),
+            "AUDIO_STORE__PUBSUB__EVENT_SOURCE",
+            "https://example.com/audio",
+        ),
+        "AUDIO_STORE__PUBSUB__EVENT_TYPE",
+        "com.example.audio.stored",
+    );
+    let settings = Settings::load(None, &custom)?;
+    assert_eq!(settings.pubsub.event_source, "https://example.com/audio");
+    assert_eq!(settings.pubsub.event_type, "com.example.audio.stored");
+    for (variable, value, key) in [
+        (
+            "AUDIO_STORE__PUBSUB__EVENT_SOURCE",
+            "a source",
+            "pubsub.event_source",
+        ),
+        ("AUDIO_STORE__PUBSUB__EVENT_TYPE", " ", "pubsub.event_type"),
+        (
+            "AUDIO_STORE__PUBSUB__EVENT_TYPE",
+            &"t".repeat(1025),
+            "pubsub.event_type",
+        ),
+    ] {
+        let error = Settings::load(None, &with(minimal(), variable, value)).expect_err(value);
+        assert_eq!(error.key, key, "{error}");
+    }
+    Ok(())
+}

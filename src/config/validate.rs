@@ -105,7 +105,16 @@ impl Settings {
                 "must not exceed pubsub.redelivery_max_backoff",
             ));
         }
+        let event_source = match raw.pubsub.event_source.trim() {
+            "" => format!("//audio-store/{subscription}"),
+            source => source.to_string(),
+        };
+        check_event_attribute("pubsub.event_source", &event_source)?;
+        let event_type = required("pubsub.event_type", &raw.pubsub.event_type)?;
+        check_event_attribute("pubsub.event_type", &event_type)?;
         let pubsub = PubsubSettings {
+            event_source,
+            event_type,
             endpoint: Endpoint::parse(
                 "pubsub.endpoint",
                 &raw.pubsub.endpoint,
@@ -453,6 +462,30 @@ fn check_bucket(key: &str, bucket: &str) -> Result<(), ConfigError> {
             key,
             format!(
                 "{bucket:?} is not a valid bucket name (3-63 of a-z 0-9 - _ ., starting and ending with a letter or digit)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A CloudEvents attribute value the worker sends on every event: no
+/// whitespace or control characters (a URI reference, a type name) and
+/// within Pub/Sub's 1,024 bytes per attribute value, which the emulator does
+/// not enforce but Pub/Sub does.
+fn check_event_attribute(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::new(
+            key,
+            format!("must not contain whitespace or control characters, got {value:?}"),
+        ));
+    }
+    if value.len() > crate::dead_letter::MAX_ATTRIBUTE_BYTES {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "is {} bytes; Pub/Sub allows {} in an attribute value",
+                value.len(),
+                crate::dead_letter::MAX_ATTRIBUTE_BYTES
             ),
         ));
     }

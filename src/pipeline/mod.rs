@@ -216,7 +216,14 @@ impl Pipeline {
             stored_at: event::format_timestamp(jiff::Timestamp::now()),
         };
         self.events
-            .publish(event.to_json(), StoredEvent::attributes(message.audio_id))
+            .publish(
+                event.to_json(),
+                event.attributes(
+                    message.audio_id,
+                    &self.settings.pubsub.event_source,
+                    &self.settings.pubsub.event_type,
+                ),
+            )
             .await?;
         Ok(Stored {
             event,

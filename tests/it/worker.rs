@@ -345,3 +345,83 @@ async fn a_malformed_message_is_dead_lettered_and_the_worker_keeps_going() -> an
     assert_eq!((summary.stored, summary.dead_lettered), (1, 1), "{summary:?}");
     Ok(())
 }
+
+/// The stored event as a CloudEvents consumer reads it: its `ce-*` and
+/// `content-type` attributes as the binary-mode headers of the HTTP binding,
+/// which has the same names, parsed by the CloudEvents SDK.
+fn as_cloudevent(event: &testkit::Received) -> anyhow::Result<cloudevents::Event> {
+    let mut headers = http::HeaderMap::new();
+    for (key, value) in &event.attributes {
+        if key.starts_with("ce-") || key == "content-type" {
+            headers.insert(
+                http::HeaderName::from_bytes(key.as_bytes())?,
+                http::HeaderValue::from_str(value)?,
+            );
+        }
+    }
+    Ok(cloudevents::binding::http::to_event(
+        &headers,
+        event.data.clone(),
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stored_event_is_a_cloudevent_with_one_id_for_all_its_repetitions() -> anyhow::Result<()> {
+    use cloudevents::AttributesReader as _;
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let audio = env.spool_file("ce.wav", &sample_wav(2_000));
+    let data = json!({"audio": audio, "id": "ce"});
+    env.pubsub.publish_json(&env.topic, &data, &[]).await?;
+    let worker = Worker::start(settings(&env, &[])?);
+    let mut events = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, EVENT_TIMEOUT)
+        .await?;
+    // The same logical message again once the source is gone: recognised as
+    // stored, and its event published again.
+    env.pubsub.publish_json(&env.topic, &data, &[]).await?;
+    events.extend(
+        env.pubsub
+            .collect(&env.stored_subscription, 1, EVENT_TIMEOUT)
+            .await?,
+    );
+    worker.stop().await?;
+    ensure!(events.len() == 2, "{} events", events.len());
+
+    let mut ids = BTreeSet::new();
+    for event in &events {
+        let parsed = as_cloudevent(event).with_context(|| format!("{:?}", event.attributes))?;
+        let json = event_json(event)?;
+        assert_eq!(parsed.specversion(), cloudevents::event::SpecVersion::V10);
+        assert_eq!(
+            parsed.source(),
+            &format!(
+                "//audio-store/projects/{}/subscriptions/{}",
+                testkit::PROJECT,
+                env.subscription
+            )
+        );
+        assert_eq!(parsed.ty(), "audio.stored");
+        assert_eq!(parsed.subject(), Some(audio_id_for("ce").as_str()));
+        assert_eq!(parsed.datacontenttype(), Some("application/json"));
+        ensure!(parsed.time().is_some(), "ce-time parses as a time");
+        assert_eq!(
+            event.attributes["ce-time"],
+            json["stored_at"].as_str().unwrap_or_default()
+        );
+        // The HTTP binding hands the body over as bytes; it is the event's JSON.
+        let data: serde_json::Value = match parsed.data() {
+            Some(cloudevents::Data::Json(data)) => data.clone(),
+            Some(cloudevents::Data::Binary(bytes)) => serde_json::from_slice(bytes)?,
+            other => anyhow::bail!("the data is not the event's JSON: {other:?}"),
+        };
+        assert_eq!(data, json);
+        // The attributes from before CloudEvents stay.
+        assert_eq!(event.attributes["audio_id"], audio_id_for("ce"));
+        assert_eq!(event.attributes["event_type"], "audio.stored");
+        ids.insert(parsed.id().to_string());
+    }
+    assert_eq!(ids.len(), 1, "one ce-id for one logical event: {ids:?}");
+    Ok(())
+}
