@@ -153,6 +153,8 @@ pub async fn run(
         _monitor,
     } = started;
     let mut recoveries = _monitor.recoveries();
+    // Streams replaced after an outage, closing in the background.
+    let mut retired = JoinSet::new();
 
     let permits = Arc::new(Semaphore::new(settings.worker.concurrency));
     let mut in_flight = JoinSet::new();
@@ -167,6 +169,7 @@ pub async fn run(
         &mut in_flight,
         &mut summary,
         &mut recoveries,
+        &mut retired,
         &mut shutdown,
     )
     .await;
@@ -207,6 +210,7 @@ pub async fn run(
     }
     if tokio::time::timeout(FLUSH_TIMEOUT, async {
         let _ = closing.await;
+        while retired.join_next().await.is_some() {}
         events.flush().await;
         if let Some(dead_letters) = &dead_letters {
             dead_letters.flush().await;
@@ -297,6 +301,7 @@ async fn pull<S: Future<Output = ()>>(
     in_flight: &mut JoinSet<Outcome>,
     summary: &mut Summary,
     recoveries: &mut watch::Receiver<Option<Instant>>,
+    retired: &mut JoinSet<()>,
     shutdown: &mut Pin<&mut S>,
 ) -> Result<(), WorkerError> {
     let backoff = || {
@@ -362,17 +367,19 @@ async fn pull<S: Future<Output = ()>>(
         };
         let Some(next) = next else {
             drop(permit);
-            info!(
+            warn!(
+                error = "the streaming pull delivered nothing since Pub/Sub became unreachable",
                 subscription = %settings.pubsub.subscription,
-                "Pub/Sub answers again and the streaming pull delivered nothing since the outage; reopening it"
+                "Pub/Sub answers again; reopening the streaming pull"
             );
             health.metrics.pull_reconnected();
             let stale = std::mem::replace(
                 inbox,
                 Inbox::open(&settings.pubsub, settings.worker.concurrency).await?,
             );
-            // The old stream's deliveries, if any, are still settled through it.
-            tokio::spawn(async move { stale.closer().close().await });
+            // The old stream's deliveries, if any, are still settled through it; the
+            // drain waits for it as for the current one.
+            retired.spawn(async move { stale.closer().close().await });
             continue;
         };
         let problem = match next {

@@ -236,12 +236,20 @@ impl RawSettings {
         let origin = file
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "configuration".into());
-        RawSettings::deserialize(toml::Value::Table(table))
+        serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|error| describe_serde_error(&origin, &error))
     }
 }
 
-fn describe_serde_error(origin: &str, error: &toml::de::Error) -> ConfigError {
-    // The error names the key in its message ("unknown field `x`", "invalid type ... for key `a.b`").
-    ConfigError::new(origin, one_line(error.message()))
+/// A value of the wrong shape, named by its key (`pubsub.event_type`), or by
+/// its table for an unknown key (the message names the key itself), and where
+/// it came from (the file, or the file and the environment).
+fn describe_serde_error(origin: &str, error: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let path = error.path().to_string();
+    let message = one_line(error.inner().message());
+    if path.is_empty() || path == "." {
+        ConfigError::new(origin, message)
+    } else {
+        ConfigError::new(path, format!("{message} (in {origin})"))
+    }
 }

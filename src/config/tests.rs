@@ -469,12 +469,50 @@ fn the_event_source_defaults_from_the_subscription_and_is_checked() -> Result<()
         ("AUDIO_STORE__PUBSUB__EVENT_TYPE", " ", "pubsub.event_type"),
         (
             "AUDIO_STORE__PUBSUB__EVENT_TYPE",
+            "audio.stored ",
+            "pubsub.event_type",
+        ),
+        (
+            "AUDIO_STORE__PUBSUB__EVENT_TYPE",
+            "audio.stored\u{200b}",
+            "pubsub.event_type",
+        ),
+        ("AUDIO_STORE__PUBSUB__EVENT_TYPE", "", "pubsub.event_type"),
+        (
+            "AUDIO_STORE__PUBSUB__EVENT_SOURCE",
+            " //x/y",
+            "pubsub.event_source",
+        ),
+        (
+            "AUDIO_STORE__PUBSUB__EVENT_SOURCE",
+            "%zz[:::",
+            "pubsub.event_source",
+        ),
+        (
+            "AUDIO_STORE__PUBSUB__EVENT_TYPE",
             &"t".repeat(1025),
             "pubsub.event_type",
         ),
     ] {
         let error = Settings::load(None, &with(minimal(), variable, value)).expect_err(value);
         assert_eq!(error.key, key, "{error}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_value_of_the_wrong_type_in_the_file_is_named_by_its_key() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    for (text, key) in [
+        ("[worker]\nconcurrency = \"x\"\n", "worker.concurrency"),
+        ("[pubsub]\nevent_type = 5\n", "pubsub.event_type"),
+        ("[sources]\nlocal_roots = \"/tmp\"\n", "sources.local_roots"),
+    ] {
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text)?;
+        let error = Settings::load(Some(&path), &Environment::new()).expect_err(text);
+        assert_eq!(error.key, key, "{error}");
+        assert!(error.problem.contains("config.toml"), "says where: {error}");
     }
     Ok(())
 }

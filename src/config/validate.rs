@@ -105,12 +105,13 @@ impl Settings {
                 "must not exceed pubsub.redelivery_max_backoff",
             ));
         }
-        let event_source = match raw.pubsub.event_source.trim() {
+        let event_source = match raw.pubsub.event_source.as_str() {
             "" => format!("//audio-store/{subscription}"),
             source => source.to_string(),
         };
         check_event_attribute("pubsub.event_source", &event_source)?;
-        let event_type = required("pubsub.event_type", &raw.pubsub.event_type)?;
+        check_percent_escapes("pubsub.event_source", &event_source)?;
+        let event_type = raw.pubsub.event_type.clone();
         check_event_attribute("pubsub.event_type", &event_type)?;
         let pubsub = PubsubSettings {
             event_source,
@@ -468,15 +469,20 @@ fn check_bucket(key: &str, bucket: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A CloudEvents attribute value the worker sends on every event: no
-/// whitespace or control characters (a URI reference, a type name) and
+/// A CloudEvents attribute value the worker sends on every event: printable
+/// ASCII without spaces (a URI reference, a reverse-DNS type name; nothing
+/// invisible that would make a consumer's filter miss it), not empty, and
 /// within Pub/Sub's 1,024 bytes per attribute value, which the emulator does
 /// not enforce but Pub/Sub does.
 fn check_event_attribute(key: &str, value: &str) -> Result<(), ConfigError> {
-    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    let shown: String = value.chars().take(60).collect();
+    if value.is_empty() {
+        return Err(ConfigError::new(key, "must not be empty"));
+    }
+    if let Some(bad) = value.chars().find(|c| !c.is_ascii_graphic()) {
         return Err(ConfigError::new(
             key,
-            format!("must not contain whitespace or control characters, got {value:?}"),
+            format!("must be printable ASCII without spaces, got {bad:?} in {shown:?}"),
         ));
     }
     if value.len() > crate::dead_letter::MAX_ATTRIBUTE_BYTES {
@@ -488,6 +494,21 @@ fn check_event_attribute(key: &str, value: &str) -> Result<(), ConfigError> {
                 crate::dead_letter::MAX_ATTRIBUTE_BYTES
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Every `%` of a URI reference starts a two-digit hex escape.
+fn check_percent_escapes(key: &str, value: &str) -> Result<(), ConfigError> {
+    let bytes = value.as_bytes();
+    for (at, _) in value.match_indices('%') {
+        let escape = bytes.get(at + 1..at + 3);
+        if !escape.is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)) {
+            return Err(ConfigError::new(
+                key,
+                format!("is not a URI reference: '%' at byte {at} does not start a %XX escape"),
+            ));
+        }
     }
     Ok(())
 }

@@ -199,7 +199,7 @@ async fn a_pull_that_got_nothing_through_an_outage_is_reopened_as_soon_as_pubsub
         Ok(worker.log()?.iter().any(|line| {
             line["message"]
                 .as_str()
-                .is_some_and(|m| m.contains("reopening it"))
+                .is_some_and(|m| m.contains("reopening the streaming pull"))
         }))
     };
     wait_for("the worker to reopen its pull", TIMEOUT, || async {
