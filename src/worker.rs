@@ -416,6 +416,8 @@ async fn pull<S: Future<Output = ()>>(
         }
         health.metrics.pull_reconnected();
         *inbox = Inbox::open(&settings.pubsub, settings.worker.concurrency).await?;
+        // A recovery reported while this loop waited is answered by the fresh stream.
+        recoveries.borrow_and_update();
         settling = Some(Instant::now() + REOPEN_SETTLE);
     }
 }
