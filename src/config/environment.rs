@@ -39,6 +39,7 @@ pub(super) fn apply_environment(
     table: &mut toml::Table,
     environment: &Environment,
 ) -> Result<(), ConfigError> {
+    let keys = keys();
     for (variable, value) in environment {
         let Some(rest) = variable.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -56,7 +57,7 @@ pub(super) fn apply_environment(
                 format!("{section}.{key} can only be set in the configuration file"),
             ));
         }
-        let Some((_, _, kind)) = keys().into_iter().find(|(s, k, _)| s == section && k == key) else {
+        let Some((_, _, kind)) = keys.iter().find(|(s, k, _)| s == section && k == key) else {
             return Err(ConfigError::new(variable, format!("unknown key {section}.{key}")));
         };
         let converted =
