@@ -13,6 +13,7 @@
 //! - [`media`] — the probe: real demuxers and image headers decide what a file is.
 //! - [`layout`] — object names from `storage.layout`.
 //! - [`event`] — the output "audio stored" event.
+//! - [`trace_context`] — W3C trace context in, and on to the event and dead letters.
 //! - [`error`] — failure kinds; transient versus permanent is decided there.
 //! - [`store`] — the only module that talks to Cloud Storage.
 //! - [`pubsub`] — the only module that talks to Pub/Sub.
@@ -23,7 +24,7 @@
 //! - [`setup`], [`publish`] and [`replay`] — the operator commands.
 //! - [`metrics`] and [`health`] — Prometheus metrics and the `/healthz` `/readyz` `/metrics` endpoint.
 //! - [`monitor`] — liveness and the Pub/Sub probe, beside the worker loop.
-//! - [`telemetry`] — logging.
+//! - [`telemetry`] — JSON logs linked to traces, and span export over OTLP.
 
 pub mod config;
 pub mod content;
@@ -47,4 +48,5 @@ pub mod setup;
 pub mod source;
 pub mod store;
 pub mod telemetry;
+pub mod trace_context;
 pub mod worker;

@@ -135,6 +135,22 @@ impl Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            return Failure::failed(anyhow::Error::new(error).context("cannot start the runtime")).report();
+        }
+    };
+    let _runtime = runtime.enter();
+    // The worker listens for signals before anything else, so a signal at any point of
+    // start-up (even while the settings load) ends it cleanly instead of killing it.
+    let shutdown = match cli.command {
+        Command::Run => match shutdown_signal() {
+            Ok(shutdown) => Some(shutdown),
+            Err(error) => return Failure::failed(error).report(),
+        },
+        _ => None,
+    };
     let environment: Environment = std::env::vars().collect();
     let settings = match Settings::load(cli.config.as_deref(), &environment) {
         Ok(settings) => settings,
@@ -144,25 +160,26 @@ fn main() -> ExitCode {
         print!("{}", settings.effective_toml());
         return ExitCode::SUCCESS;
     }
-    telemetry::init(&settings.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            return Failure::failed(anyhow::Error::new(error).context("cannot start the runtime")).report();
-        }
+    let telemetry = match telemetry::init(&settings) {
+        Ok(telemetry) => telemetry,
+        Err(error) => return Failure::Config(error).report(),
     };
-    match runtime.block_on(execute(cli.command, settings)) {
+    let code = match runtime.block_on(execute(cli.command, settings, shutdown)) {
         Ok(code) => code,
         Err(failure) => failure.report(),
-    }
+    };
+    runtime.block_on(telemetry.shutdown());
+    code
 }
 
-async fn execute(command: Command, settings: Settings) -> Result<ExitCode, Failure> {
+async fn execute(
+    command: Command,
+    settings: Settings,
+    shutdown: Option<impl Future<Output = ()>>,
+) -> Result<ExitCode, Failure> {
     match command {
         Command::Run => {
-            // Listening starts before anything else, so a signal at any point of start-up
-            // ends the worker cleanly instead of killing it.
-            let shutdown = shutdown_signal().map_err(Failure::failed)?;
+            let shutdown = shutdown.expect("signals are caught for `run`");
             worker::run_service(Arc::new(settings), shutdown)
                 .await
                 .map_err(Failure::failed)?;

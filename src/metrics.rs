@@ -110,6 +110,11 @@ impl Metrics {
             "Streaming pulls reopened after they failed or ended",
             pull_reconnects.clone(),
         );
+        registry.register(
+            "spans_dropped",
+            "Spans not delivered to the OTLP collector (export queue full or export failed)",
+            crate::telemetry::spans_dropped().clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -277,6 +282,7 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(text.contains("audio_store_build_info{version="), "{text}");
+        assert!(text.contains("\naudio_store_spans_dropped_total "), "{text}");
         assert_eq!(metrics.messages("stored"), 1);
         assert_eq!(metrics.messages("nacked"), 0);
     }

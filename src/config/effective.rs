@@ -80,6 +80,19 @@ impl Settings {
                 },
                 level: self.log.level.clone(),
             },
+            telemetry: RawTelemetry {
+                otlp_endpoint: self
+                    .telemetry
+                    .otlp_traces
+                    .as_ref()
+                    .map(|url| Endpoint::Custom {
+                        url: url.to_string(),
+                        emulator: false,
+                    })
+                    .map(|endpoint| endpoint.redacted())
+                    .unwrap_or_default(),
+                sample_ratio: self.telemetry.sample_ratio,
+            },
         };
         let mut text = toml::to_string(&raw).unwrap_or_else(|error| format!("# cannot render: {error}\n"));
         if self.storage.layout.is_dated() {

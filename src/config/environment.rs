@@ -10,6 +10,7 @@ pub(super) const FILE_ONLY: [(&str, &str); 1] = [("storage", "lifecycle")];
 pub(super) enum KeyKind {
     Text,
     Integer,
+    Float,
     List,
 }
 
@@ -23,6 +24,7 @@ pub(super) fn keys() -> Vec<(String, String, KeyKind)> {
             let kind = match value {
                 toml::Value::String(_) => KeyKind::Text,
                 toml::Value::Integer(_) => KeyKind::Integer,
+                toml::Value::Float(_) => KeyKind::Float,
                 toml::Value::Array(_) => KeyKind::List,
                 _ => continue,
             };
@@ -66,6 +68,11 @@ pub(super) fn apply_environment(
                 KeyKind::Integer => toml::Value::Integer(value.trim().parse().map_err(|_| {
                     ConfigError::new(variable, format!("expected an integer, got {value:?}"))
                 })?),
+                KeyKind::Float => {
+                    toml::Value::Float(value.trim().parse().map_err(|_| {
+                        ConfigError::new(variable, format!("expected a number, got {value:?}"))
+                    })?)
+                }
                 KeyKind::List => toml::Value::Array(parse_list(variable, value)?),
             };
         let section_table = table

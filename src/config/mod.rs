@@ -69,6 +69,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Log format and filter.
     pub log: LogSettings,
+    /// Span export.
+    pub telemetry: TelemetrySettings,
 }
 
 /// Where a service endpoint came from, which decides the credentials used.
@@ -252,6 +254,15 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// A valid `tracing_subscriber::EnvFilter` directive.
     pub level: String,
+}
+
+/// Validated `[telemetry]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySettings {
+    /// Where spans are posted (the collector's `/v1/traces`); `None`: not exported.
+    pub otlp_traces: Option<reqwest::Url>,
+    /// Share of new traces sampled, 0.0..=1.0.
+    pub sample_ratio: f64,
 }
 
 /// The process environment, passed in so tests can use their own.

@@ -20,6 +20,8 @@ pub struct RawSettings {
     pub http: RawHttp,
     /// Logging.
     pub log: RawLog,
+    /// Trace export.
+    pub telemetry: RawTelemetry,
 }
 
 /// `[pubsub]`.
@@ -214,6 +216,27 @@ impl Default for RawLog {
         Self {
             format: "json".into(),
             level: "info".into(),
+        }
+    }
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    /// OTLP/HTTP collector (`http://otel-collector:4318`; spans go to `/v1/traces` under
+    /// it); empty: spans are not exported and trace context passes through unchanged.
+    pub otlp_endpoint: String,
+    /// Share of new traces that are sampled (0.0..=1.0); a traced input keeps its
+    /// parent's decision.
+    pub sample_ratio: f64,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            sample_ratio: 1.0,
         }
     }
 }

@@ -103,6 +103,36 @@ fn a_bad_value_names_its_key() {
             "relative/dir",
             "sources.local_roots[0]",
         ),
+        (
+            "AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT",
+            "collector:4318",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT",
+            "grpc://c:4317",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT",
+            "http://c/?x=1",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "AUDIO_STORE__TELEMETRY__SAMPLE_RATIO",
+            "1.5",
+            "telemetry.sample_ratio",
+        ),
+        (
+            "AUDIO_STORE__TELEMETRY__SAMPLE_RATIO",
+            "nan",
+            "telemetry.sample_ratio",
+        ),
+        (
+            "AUDIO_STORE__TELEMETRY__SAMPLE_RATIO",
+            "half",
+            "AUDIO_STORE__TELEMETRY__SAMPLE_RATIO",
+        ),
     ];
     for (variable, value, key) in cases {
         let error = Settings::load(None, &with(minimal(), variable, value))
@@ -279,6 +309,8 @@ fn every_key_can_be_set_from_the_environment() -> Result<(), ConfigError> {
             ("http", "listen", _) => "127.0.0.1:9",
             ("log", "format", _) => "pretty",
             ("log", "level", _) => "debug",
+            ("telemetry", "otlp_endpoint", _) => "http://127.0.0.1:4318",
+            (_, _, KeyKind::Float) => "0.25",
             ("pubsub", "ack_deadline" | "redelivery_min_backoff" | "redelivery_max_backoff", _) => "20s",
             ("worker" | "retry", _, _) => "1s",
             ("pubsub", "topic", _) => "input-name",
@@ -291,6 +323,30 @@ fn every_key_can_be_set_from_the_environment() -> Result<(), ConfigError> {
     assert_eq!(settings.log.format, LogFormat::Pretty);
     assert_eq!(settings.storage.layout.template(), "x/{audio_id}/{kind}{ext}");
     assert_eq!(settings.storage.storage_class, Some("NEARLINE"));
+    assert_eq!(settings.telemetry.sample_ratio, 0.25);
+    Ok(())
+}
+
+#[test]
+fn the_otlp_endpoint_is_the_collector_and_spans_go_to_its_traces_path() -> Result<(), ConfigError> {
+    let traces = |endpoint: &str| -> Result<Option<String>, ConfigError> {
+        let environment = with(minimal(), "AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT", endpoint);
+        let settings = Settings::load(None, &environment)?;
+        Ok(settings.telemetry.otlp_traces.map(|url| url.to_string()))
+    };
+    assert_eq!(traces("")?, None);
+    assert_eq!(
+        traces("http://otel:4318")?.as_deref(),
+        Some("http://otel:4318/v1/traces")
+    );
+    assert_eq!(
+        traces("https://otel/base/")?.as_deref(),
+        Some("https://otel/base/v1/traces")
+    );
+    assert_eq!(
+        traces("http://otel:4318/v1/traces")?.as_deref(),
+        Some("http://otel:4318/v1/traces")
+    );
     Ok(())
 }
 

@@ -236,6 +236,11 @@ impl Settings {
             level: raw.log.level.clone(),
         };
 
+        let telemetry = TelemetrySettings {
+            otlp_traces: otlp_traces("telemetry.otlp_endpoint", &raw.telemetry.otlp_endpoint)?,
+            sample_ratio: sample_ratio("telemetry.sample_ratio", raw.telemetry.sample_ratio)?,
+        };
+
         Ok(Settings {
             pubsub,
             storage,
@@ -244,6 +249,7 @@ impl Settings {
             retry,
             http,
             log,
+            telemetry,
         })
     }
 
@@ -258,6 +264,37 @@ impl Settings {
             .topic
             .as_deref()
             .ok_or_else(|| ConfigError::new("pubsub.topic", "required by this command"))
+    }
+}
+
+/// The collector's traces URL: `http(s)://host[:port][/path]`, with
+/// `/v1/traces` appended unless the path already ends with it (the
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` convention); empty means no export.
+fn otlp_traces(key: &str, endpoint: &str) -> Result<Option<reqwest::Url>, ConfigError> {
+    if endpoint.is_empty() {
+        return Ok(None);
+    }
+    let mut url = reqwest::Url::parse(endpoint)
+        .map_err(|error| ConfigError::new(key, format!("not a URL ({error}): {endpoint:?}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() || url.query().is_some() {
+        return Err(ConfigError::new(
+            key,
+            format!("expected http(s)://host[:port][/path] of an OTLP/HTTP collector, got {endpoint:?}"),
+        ));
+    }
+    if !url.path().ends_with("/v1/traces") {
+        let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
+        url.set_path(&path);
+    }
+    Ok(Some(url))
+}
+
+/// A probability: finite, from 0.0 to 1.0.
+fn sample_ratio(key: &str, ratio: f64) -> Result<f64, ConfigError> {
+    if (0.0..=1.0).contains(&ratio) {
+        Ok(ratio)
+    } else {
+        Err(ConfigError::new(key, format!("expected 0.0 to 1.0, got {ratio}")))
     }
 }
 

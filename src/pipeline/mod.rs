@@ -10,10 +10,11 @@
 //!
 //! The files: this one (one message: settle, retry, dead-letter), `part.rs`
 //! (one file of a message: prepare, commit, recover), `cleanup.rs` (removing
-//! the sources after the ack).
+//! the sources after the ack), `spans.rs` (the spans of that work).
 
 mod cleanup;
 mod part;
+mod spans;
 
 use cleanup::Cleanup;
 
@@ -28,9 +29,13 @@ use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::pubsub::{Delivery, Outbox};
 use crate::store::Store;
+use crate::trace_context::{self, Propagated};
 use backon::{ExponentialBuilder, Retryable as _};
+use part::Prepared;
+use spans::traced;
 use std::sync::Arc;
 use tracing::{Instrument as _, info, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// What processing one message needs: the archive, the event outbox and the dead-letter outbox.
 #[derive(Clone)]
@@ -74,16 +79,17 @@ impl Pipeline {
     }
 
     /// Processes one delivered message to the end: stored and acked, dead-lettered, or nacked.
+    ///
+    /// Its span continues the trace the message arrived with ([`trace_context`]),
+    /// and the event and any dead-letter copy carry the trace on.
     pub async fn handle(&self, envelope: Envelope, delivery: Delivery) -> Outcome {
-        let span = tracing::info_span!(
-            "message",
-            message_id = %envelope.message_id,
-            audio_id = tracing::field::Empty,
-            delivery_attempt = envelope.delivery_attempt,
-        );
+        let pubsub = &self.settings.pubsub;
+        let span = spans::message(&envelope, &pubsub.project, &pubsub.subscription);
+        let trace = trace_context::continue_in(&span, trace_context::incoming(&envelope.attributes));
+        crate::telemetry::link_logs(&span, &trace.span_context, trace.own_span);
         let started = std::time::Instant::now();
         let _in_flight = self.metrics.start_message();
-        let outcome = Box::pin(self.handle_in_span(envelope, delivery, started))
+        let outcome = Box::pin(self.handle_in_span(envelope, delivery, &trace, started))
             .instrument(span)
             .await;
         self.metrics.record(&outcome, started.elapsed());
@@ -94,18 +100,27 @@ impl Pipeline {
         &self,
         envelope: Envelope,
         delivery: Delivery,
+        trace: &Propagated,
         started: std::time::Instant,
     ) -> Outcome {
+        let span = tracing::Span::current();
         let result = match AudioMessage::parse(&envelope, &self.settings.storage.staging_buckets) {
             Ok(message) => {
-                tracing::Span::current().record("audio_id", tracing::field::display(message.audio_id));
-                self.store_with_retries(&message).await
+                span.record("audio_id", tracing::field::display(message.audio_id));
+                span.set_attribute("audio_store.audio_id", message.audio_id.to_string());
+                self.store_with_retries(&message, trace).await
             }
             Err(error) => Err(Failure::from(error)),
         };
+        if let Err(failure) = &result {
+            spans::failed(&span, failure);
+        }
         match result {
             Ok(stored) => {
-                if let Err(error) = delivery.ack().await {
+                let acked = delivery
+                    .ack()
+                    .instrument(spans::ack(&self.settings.pubsub.subscription));
+                if let Err(error) = acked.await {
                     // Not acked: the message comes back and identity makes the redelivery harmless.
                     // Keep the sources so that the redelivery finds them.
                     let failure = Failure::from(error);
@@ -130,7 +145,9 @@ impl Pipeline {
                     Outcome::AlreadyStored
                 }
             }
-            Err(failure) if failure.is_permanent() => self.dead_letter(&envelope, delivery, &failure).await,
+            Err(failure) if failure.is_permanent() => {
+                self.dead_letter(&envelope, delivery, &failure, trace).await
+            }
             Err(failure) => {
                 warn!(
                     error = failure.message(),
@@ -152,8 +169,12 @@ impl Pipeline {
             .with_jitter()
     }
 
-    async fn store_with_retries(&self, message: &AudioMessage) -> Result<Stored, Failure> {
-        (|| self.store_once(message))
+    async fn store_with_retries(
+        &self,
+        message: &AudioMessage,
+        trace: &Propagated,
+    ) -> Result<Stored, Failure> {
+        (|| self.store_once(message, trace))
             .retry(self.backoff())
             .sleep(tokio::time::sleep)
             .when(|failure: &Failure| !failure.is_permanent())
@@ -170,7 +191,7 @@ impl Pipeline {
     }
 
     /// One attempt: both parts checked, then both stored, then the confirmed event.
-    async fn store_once(&self, message: &AudioMessage) -> Result<Stored, Failure> {
+    async fn store_once(&self, message: &AudioMessage, trace: &Propagated) -> Result<Stored, Failure> {
         // Names from `{meta.KEY}` need usable values: refused before anything is read or uploaded.
         self.settings
             .storage
@@ -179,22 +200,21 @@ impl Pipeline {
             .map_err(|error| Failure::from(Problem::InvalidMetadata(error.to_string())))?;
         // Both sources are checked (allowed, present, right content) before anything is
         // uploaded, so a bad thumbnail does not leave an orphaned audio object behind.
+        let check = |kind, source| traced(spans::check(kind), self.prepare(message, kind, source));
         let thumbnail = async {
             match &message.thumbnail {
-                Some(source) => self.prepare(message, Kind::Thumbnail, source).await.map(Some),
+                Some(source) => check(Kind::Thumbnail, source).await.map(Some),
                 None => Ok(None),
             }
         };
-        let (audio, thumbnail) =
-            tokio::try_join!(self.prepare(message, Kind::Audio, &message.audio), thumbnail)?;
-        // Boxed: the SDK futures inside are large, and two of them run side by side.
+        let (audio, thumbnail) = tokio::try_join!(check(Kind::Audio, &message.audio), thumbnail)?;
         let thumbnail = async {
             match thumbnail {
-                Some(prepared) => Box::pin(self.commit(prepared)).await.map(Some),
+                Some(prepared) => self.commit_traced(Kind::Thumbnail, prepared).await.map(Some),
                 None => Ok(None),
             }
         };
-        let (audio, thumbnail) = tokio::try_join!(Box::pin(self.commit(audio)), thumbnail)?;
+        let (audio, thumbnail) = tokio::try_join!(self.commit_traced(Kind::Audio, audio), thumbnail)?;
         let written = audio.written || thumbnail.as_ref().is_some_and(|t| t.written);
         let cleanups = [
             audio.cleanup.clone(),
@@ -215,16 +235,17 @@ impl Pipeline {
             metadata: message.metadata.clone(),
             stored_at: event::format_timestamp(jiff::Timestamp::now()),
         };
-        self.events
-            .publish(
-                event.to_json(),
-                event.attributes(
-                    message.audio_id,
-                    &self.settings.pubsub.event_source,
-                    &self.settings.pubsub.event_type,
-                ),
-            )
-            .await?;
+        let mut attributes = event.attributes(
+            message.audio_id,
+            &self.settings.pubsub.event_source,
+            &self.settings.pubsub.event_type,
+        );
+        attributes.extend(trace.attributes.iter().cloned());
+        let publish = async {
+            let published = self.events.publish(event.to_json(), attributes).await;
+            published.map_err(Failure::from)
+        };
+        traced(spans::send(self.events.topic()), publish).await?;
         Ok(Stored {
             event,
             written,
@@ -232,7 +253,25 @@ impl Pipeline {
         })
     }
 
-    async fn dead_letter(&self, envelope: &Envelope, delivery: Delivery, failure: &Failure) -> Outcome {
+    /// Stores a prepared file in its span (none when it was stored already).
+    async fn commit_traced(&self, kind: Kind, prepared: Prepared) -> Result<part::Part, Failure> {
+        // Boxed: the SDK futures inside are large, and two of them run side by side.
+        match prepared.operation() {
+            Some((operation, object)) => {
+                let span = spans::store(kind, operation, object);
+                traced(span, Box::pin(self.commit(prepared))).await
+            }
+            None => Box::pin(self.commit(prepared)).await,
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        envelope: &Envelope,
+        delivery: Delivery,
+        failure: &Failure,
+        trace: &Propagated,
+    ) -> Outcome {
         let kind = failure.kind();
         let Some(outbox) = &self.dead_letters else {
             warn!(
@@ -243,7 +282,10 @@ impl Pipeline {
             delivery.nack();
             return Outcome::Nacked(kind);
         };
-        let copy = dead_letter::copy(envelope, failure.kind().as_str(), failure.message());
+        // The copy carries the worker's trace context in place of the one that came in.
+        let mut traced_envelope = envelope.clone();
+        trace.apply(&mut traced_envelope.attributes);
+        let copy = dead_letter::copy(&traced_envelope, failure.kind().as_str(), failure.message());
         if copy.data.len() < envelope.data.len() {
             warn!(
                 bytes = envelope.data.len(),
@@ -251,7 +293,11 @@ impl Pipeline {
             );
         }
         let publish = || outbox.publish(copy.data.clone(), copy.attributes.clone());
-        let published = publish.retry(self.backoff()).sleep(tokio::time::sleep).await;
+        let published = publish
+            .retry(self.backoff())
+            .sleep(tokio::time::sleep)
+            .instrument(spans::send(outbox.topic()))
+            .await;
         if let Err(error) = published {
             let failure = Failure::from(error);
             warn!(
@@ -262,7 +308,10 @@ impl Pipeline {
             delivery.nack();
             return Outcome::Nacked(failure.kind());
         }
-        if let Err(error) = delivery.ack().await {
+        let acked = delivery
+            .ack()
+            .instrument(spans::ack(&self.settings.pubsub.subscription));
+        if let Err(error) = acked.await {
             warn!(%error, "dead-lettered but the ack was not confirmed; it will come back");
         }
         warn!(

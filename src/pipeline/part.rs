@@ -53,6 +53,17 @@ impl Target {
     }
 }
 
+impl Prepared {
+    /// What storing it does (`upload` or `copy`) and to which object; `None` when it is stored already.
+    pub(super) fn operation(&self) -> Option<(&'static str, &str)> {
+        match self {
+            Prepared::Local { target, .. } => Some(("upload", &target.name)),
+            Prepared::Staging { target, .. } => Some(("copy", &target.name)),
+            Prepared::Stored(_) => None,
+        }
+    }
+}
+
 impl Pipeline {
     /// Checks one source: allowed, present (or already stored), the right kind of content.
     pub(super) async fn prepare(

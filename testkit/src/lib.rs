@@ -18,6 +18,7 @@
 //! - [`fault_proxy`] — an HTTP/1.1 proxy in front of fake-gcs that injects
 //!   faults, records requests and, where a test asks, corrects fake-gcs.
 //! - [`tcp_proxy`] — a TCP proxy that cuts a service off.
+//! - [`otlp`] — an OTLP/HTTP collector that keeps the spans it receives.
 
 pub mod emulators;
 pub mod env;
@@ -25,6 +26,7 @@ pub mod fault_proxy;
 pub mod gcs_rest;
 pub mod http;
 pub mod media;
+pub mod otlp;
 pub mod process;
 pub mod pubsub_rest;
 pub mod tcp_proxy;
@@ -34,6 +36,7 @@ pub use emulators::{FakeGcs, PubsubEmulator};
 pub use env::{PROJECT, TestEnv, unique, wait_for};
 pub use fault_proxy::FaultProxy;
 pub use gcs_rest::{GcsRest, ObjectInfo, crc32c_base64, crc32c_file};
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pubsub_rest::{PubsubRest, Received, SubscriptionOptions};
 pub use tcp_proxy::TcpProxy;
 pub use worker::{WorkerProcess, environment};

@@ -16,5 +16,6 @@ mod resilience;
 mod spool;
 mod support;
 mod tidy;
+mod traces;
 mod volume;
 mod worker;
