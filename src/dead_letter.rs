@@ -10,6 +10,14 @@
 //! and be refused again until Pub/Sub dead-lettered it itself; a copy without
 //! data keeps the error, the attributes and the message id, and `replay`
 //! leaves it alone (there is nothing to republish).
+//!
+//! Pub/Sub also refuses a message with more than 100 attributes. A copy, and a
+//! replayed message, that would have more loses producer attributes until it
+//! fits: never one that the worker or replay sets, nor `idempotency_key`, a
+//! `googclient_*` trace attribute or one of Pub/Sub's own dead-letter ones.
+//! The others go in reverse order of their names (the last by byte order
+//! first), so every delivery of one message loses the same ones, and
+//! `attributes_dropped` says how many were lost in all.
 
 use crate::envelope::Envelope;
 use crate::event;
@@ -30,6 +38,11 @@ pub const REPLAY_COUNT: &str = "replay_count";
 pub const PUBSUB_PREFIX: &str = "CloudPubSubDeadLetterSource";
 /// Pub/Sub's own dead-lettering: the original publish time.
 pub const PUBSUB_PUBLISH_TIME: &str = "CloudPubSubDeadLetterSourceTopicPublishTime";
+/// The producer's idempotency key (identity when the data has no `id`).
+pub const IDEMPOTENCY_KEY: &str = "idempotency_key";
+/// Prefix of the trace-context attributes of the Pub/Sub client libraries
+/// (`googclient_traceparent`, `googclient_tracestate`).
+pub const TRACE_PREFIX: &str = "googclient_";
 
 /// Whether Pub/Sub itself dead-lettered the message (after too many deliveries).
 pub fn by_pubsub(attributes: &HashMap<String, String>) -> bool {
@@ -44,6 +57,11 @@ pub const MAX_ATTRIBUTE_BYTES: usize = 1024;
 pub const MAX_COPY_BYTES: usize = 10_000_000 - 64 * 1024;
 /// Set on a copy published without its data: the data's size in bytes.
 pub const DATA_DROPPED_BYTES: &str = "data_dropped_bytes";
+/// Pub/Sub's limit on the number of attributes of one message.
+pub const MAX_ATTRIBUTES: usize = 100;
+/// Set on a copy or a replayed message that lost producer attributes to fit
+/// [`MAX_ATTRIBUTES`]: how many it lost, counting earlier copies and replays.
+pub const ATTRIBUTES_DROPPED: &str = "attributes_dropped";
 
 /// A dead-letter copy, ready to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +69,8 @@ pub struct Copy {
     /// The original data, or nothing when the copy would be too large.
     pub data: Vec<u8>,
     /// The original attributes plus `error_kind`, `error`, `original_message_id`
-    /// and `original_publish_time` (and `data_dropped_bytes` without the data).
+    /// and `original_publish_time` (and `data_dropped_bytes` without the data),
+    /// at most [`MAX_ATTRIBUTES`] (with `attributes_dropped` when some had to go).
     pub attributes: Vec<(String, String)>,
 }
 
@@ -76,6 +95,7 @@ pub fn copy(envelope: &Envelope, error_kind: &str, error: &str) -> Copy {
             .entry(ORIGINAL_PUBLISH_TIME.into())
             .or_insert_with(|| event::format_timestamp(published));
     }
+    // Measured before attributes are dropped to fit their number: an upper bound.
     let attribute_bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
     let data = if envelope.data.len() + attribute_bytes > MAX_COPY_BYTES {
         attributes.insert(DATA_DROPPED_BYTES.into(), envelope.data.len().to_string());
@@ -83,10 +103,58 @@ pub fn copy(envelope: &Envelope, error_kind: &str, error: &str) -> Copy {
     } else {
         envelope.data.to_vec()
     };
+    fit_attribute_count(&mut attributes);
     Copy {
         data,
         attributes: attributes.into_iter().collect(),
     }
+}
+
+/// Whether `key` is kept however many attributes there are: set by the worker
+/// or replay, the producer's identity, trace context, or Pub/Sub's own.
+fn is_never_dropped(key: &str) -> bool {
+    [
+        ERROR_KIND,
+        ERROR,
+        ORIGINAL_MESSAGE_ID,
+        ORIGINAL_PUBLISH_TIME,
+        REPLAY_COUNT,
+        DATA_DROPPED_BYTES,
+        ATTRIBUTES_DROPPED,
+        IDEMPOTENCY_KEY,
+    ]
+    .contains(&key)
+        || key.starts_with(TRACE_PREFIX)
+        || key.starts_with(PUBSUB_PREFIX)
+}
+
+/// Drops producer attributes, the last by name first, until `attributes` fits
+/// [`MAX_ATTRIBUTES`] with `attributes_dropped` (which adds the number dropped
+/// to what an earlier copy or replay recorded). Unchanged when it fits.
+fn fit_attribute_count(attributes: &mut BTreeMap<String, String>) {
+    if attributes.len() <= MAX_ATTRIBUTES {
+        return;
+    }
+    let earlier: u64 = attributes
+        .get(ATTRIBUTES_DROPPED)
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(0);
+    let room = MAX_ATTRIBUTES - usize::from(!attributes.contains_key(ATTRIBUTES_DROPPED));
+    let excess = attributes.len() - room;
+    let dropped: Vec<String> = attributes
+        .keys()
+        .rev()
+        .filter(|key| !is_never_dropped(key))
+        .take(excess)
+        .cloned()
+        .collect();
+    for key in &dropped {
+        attributes.remove(key);
+    }
+    attributes.insert(
+        ATTRIBUTES_DROPPED.into(),
+        (earlier + dropped.len() as u64).to_string(),
+    );
 }
 
 /// `text` if it fits `max_bytes`, otherwise its longest prefix that ends at a
@@ -114,7 +182,8 @@ pub fn replay_count(attributes: &HashMap<String, String>) -> u64 {
 
 /// The attributes a replayed message carries: the original ones, without the
 /// dead-letter annotations, with `original_message_id` and
-/// `original_publish_time` kept (or set from this copy) and `replay_count` + 1.
+/// `original_publish_time` kept (or set from this copy) and `replay_count` + 1;
+/// at most [`MAX_ATTRIBUTES`], as a copy.
 ///
 /// A message Pub/Sub dead-lettered itself arrives under a new message id and
 /// without the original one; unless the producer set `id` or
@@ -142,6 +211,7 @@ pub fn republished_attributes(envelope: &Envelope) -> BTreeMap<String, String> {
         REPLAY_COUNT.into(),
         (replay_count(&envelope.attributes) + 1).to_string(),
     );
+    fit_attribute_count(&mut attributes);
     attributes
 }
 
@@ -230,6 +300,96 @@ pub(crate) mod tests {
         let attributes = attributes(&copy);
         assert_eq!(attributes[DATA_DROPPED_BYTES], MAX_COPY_BYTES.to_string());
         assert_eq!(attributes["error_kind"], "invalid_json");
+    }
+
+    /// `count` producer attributes `attr-000`, `attr-001`, …, and an
+    /// `idempotency_key` and two trace attributes among them.
+    fn many_attributes(count: usize) -> HashMap<String, String> {
+        let mut attributes: HashMap<String, String> = (0..count - 3)
+            .map(|index| (format!("attr-{index:03}"), "v".to_string()))
+            .collect();
+        for key in [IDEMPOTENCY_KEY, "googclient_traceparent", "googclient_tracestate"] {
+            attributes.insert(key.into(), "kept".into());
+        }
+        attributes
+    }
+
+    #[test]
+    fn a_copy_of_a_message_with_100_attributes_drops_the_last_producer_attributes_by_name() {
+        for (data_bytes, dropped) in [(2, 5), (MAX_COPY_BYTES, 6)] {
+            let envelope = Envelope {
+                message_id: "7".into(),
+                publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
+                data: bytes::Bytes::from(vec![b'x'; data_bytes]),
+                attributes: many_attributes(MAX_ATTRIBUTES),
+                delivery_attempt: None,
+            };
+            let copy = copy(&envelope, "invalid_json", "data is not valid JSON");
+            let attributes = attributes(&copy);
+            assert_eq!(attributes.len(), MAX_ATTRIBUTES, "{attributes:?}");
+            assert_eq!(attributes[ATTRIBUTES_DROPPED], dropped.to_string());
+            for key in [
+                ERROR_KIND,
+                ERROR,
+                ORIGINAL_MESSAGE_ID,
+                ORIGINAL_PUBLISH_TIME,
+                IDEMPOTENCY_KEY,
+                "googclient_traceparent",
+                "googclient_tracestate",
+            ] {
+                assert!(attributes.contains_key(key), "{key} kept");
+            }
+            // 97 producer attributes attr-000..=attr-096: the last ones by name go.
+            let kept = 97 - dropped;
+            assert!(attributes.contains_key(&format!("attr-{:03}", kept - 1)));
+            assert!(!attributes.contains_key(&format!("attr-{kept:03}")));
+            assert_eq!(copy.data.is_empty(), data_bytes == MAX_COPY_BYTES);
+            assert_eq!(
+                super::copy(&envelope, "invalid_json", "data is not valid JSON"),
+                copy
+            );
+        }
+    }
+
+    #[test]
+    fn a_copy_that_fits_100_attributes_loses_none() {
+        let envelope = Envelope {
+            message_id: "7".into(),
+            publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
+            attributes: many_attributes(MAX_ATTRIBUTES - 4),
+            ..Envelope::default()
+        };
+        let attributes = attributes(&copy(&envelope, "invalid_json", "not JSON"));
+        assert_eq!(attributes.len(), MAX_ATTRIBUTES);
+        assert!(!attributes.contains_key(ATTRIBUTES_DROPPED));
+    }
+
+    #[test]
+    fn a_replayed_message_with_100_attributes_drops_producer_attributes_to_fit() {
+        let mut dead_letter = envelope(&[]);
+        dead_letter.attributes = many_attributes(MAX_ATTRIBUTES);
+        let attributes = republished_attributes(&dead_letter);
+        assert_eq!(attributes.len(), MAX_ATTRIBUTES, "{attributes:?}");
+        // original_message_id, original_publish_time and replay_count added, and the count itself.
+        assert_eq!(attributes[ATTRIBUTES_DROPPED], "4");
+        for key in [
+            ORIGINAL_MESSAGE_ID,
+            ORIGINAL_PUBLISH_TIME,
+            REPLAY_COUNT,
+            IDEMPOTENCY_KEY,
+        ] {
+            assert!(attributes.contains_key(key), "{key} kept");
+        }
+        assert!(attributes.contains_key("attr-092") && !attributes.contains_key("attr-093"));
+
+        // Three more producer attributes on the next round: three more dropped, and the count adds up.
+        dead_letter.attributes = attributes.into_iter().collect();
+        for index in 0..3 {
+            dead_letter.attributes.insert(format!("more-{index}"), "v".into());
+        }
+        let again = republished_attributes(&dead_letter);
+        assert_eq!(again.len(), MAX_ATTRIBUTES, "{again:?}");
+        assert_eq!(again[ATTRIBUTES_DROPPED], "7");
     }
 
     /// A dead-letter copy as `replay` pulls it, with `attributes`.

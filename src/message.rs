@@ -128,7 +128,7 @@ impl AudioMessage {
         let attribute = |name: &str| envelope.attributes.get(name).map(String::as_str);
         let key = IdentityKey::choose(
             id,
-            attribute("idempotency_key"),
+            attribute(dead_letter::IDEMPOTENCY_KEY),
             attribute(dead_letter::ORIGINAL_MESSAGE_ID),
             &envelope.message_id,
         );

@@ -153,7 +153,7 @@ pub async fn run(
         _monitor,
     } = started;
     let mut recoveries = _monitor.recoveries();
-    // Streams replaced after an outage, closing in the background.
+    // Streams replaced after a failure or an outage, closing in the background.
     let mut retired = JoinSet::new();
 
     let permits = Arc::new(Semaphore::new(settings.worker.concurrency));
@@ -318,10 +318,11 @@ async fn pull<S: Future<Output = ()>>(
     // When the current stream last delivered a message.
     let mut last_delivery: Option<Instant> = None;
     loop {
-        // Settle finished tasks as we go so the set does not grow.
+        // Settle finished tasks as we go so the sets do not grow.
         while let Some(joined) = in_flight.try_join_next() {
             record(summary, joined);
         }
+        while retired.try_join_next().is_some() {}
         // Waiting for a permit or a message is interrupted by shutdown only; dropping a
         // pending `next()` there is what the SDK itself does when its token is cancelled,
         // and `run` then closes the stream through that token.
@@ -415,7 +416,13 @@ async fn pull<S: Future<Output = ()>>(
             () = tokio::time::sleep(delay) => {}
         }
         health.metrics.pull_reconnected();
-        *inbox = Inbox::open(&settings.pubsub, settings.worker.concurrency).await?;
+        let failed = std::mem::replace(
+            inbox,
+            Inbox::open(&settings.pubsub, settings.worker.concurrency).await?,
+        );
+        // The SDK has cancelled the failed stream already; its lease loop still
+        // settles the deliveries it handed out, and the drain waits for it too.
+        retired.spawn(async move { failed.closer().close().await });
         // A recovery reported while this loop waited is answered by the fresh stream.
         recoveries.borrow_and_update();
         settling = Some(Instant::now() + REOPEN_SETTLE);

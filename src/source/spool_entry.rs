@@ -84,14 +84,20 @@ impl SpoolEntry {
     /// Removes the entry if it still is the very file that was read, with the
     /// same size and modification time; otherwise leaves it. Blocking.
     ///
-    /// The entry is first renamed aside within its directory (atomically, never
-    /// over another name), checked there, and unlinked only if it is the same
+    /// The name is checked first, and another file found there is left alone,
+    /// never renamed: while renamed aside it would have no name, and its own
+    /// message, opening it then, would find it missing. Only the same file is
+    /// renamed aside within its directory (atomically, never over another
+    /// name), checked again there, and unlinked only if it still is the same
     /// file; anything else is renamed back. So a file renamed over the source
     /// at any moment is never removed. On a file system without
     /// `RENAME_NOREPLACE` it is checked, then unlinked.
     pub fn remove(&self) -> std::io::Result<Removal> {
         if !self.directory_in_place() {
             return Ok(Removal::Moved);
+        }
+        if let Some(removal) = self.unless_same_file()? {
+            return Ok(removal);
         }
         let aside = OsString::from(format!(".audio-store-removing-{}", uuid::Uuid::new_v4().simple()));
         let directory = self.directory.as_fd();
@@ -132,18 +138,24 @@ impl SpoolEntry {
         })
     }
 
-    fn remove_if_unchanged(&self) -> std::io::Result<Removal> {
+    /// What removal comes to when the name, as it is now, is not the file that
+    /// was read (`Gone` or `Kept`, nothing touched); `None` when it is.
+    fn unless_same_file(&self) -> std::io::Result<Option<Removal>> {
         let found = match self.identity_of(&self.name) {
             Ok(found) => found,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Removal::Gone),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Some(Removal::Gone)),
             Err(error) => return Err(error),
         };
-        if found != self.identity {
-            return Ok(Removal::Kept {
-                reason: self.identity.difference(&found),
-                found,
-                left_as: None,
-            });
+        Ok((found != self.identity).then(|| Removal::Kept {
+            reason: self.identity.difference(&found),
+            found,
+            left_as: None,
+        }))
+    }
+
+    fn remove_if_unchanged(&self) -> std::io::Result<Removal> {
+        if let Some(removal) = self.unless_same_file()? {
+            return Ok(removal);
         }
         match rustix::fs::unlinkat(self.directory.as_fd(), &self.name, AtFlags::empty()) {
             Ok(()) => Ok(Removal::Removed),
@@ -205,28 +217,7 @@ mod tests {
         assert!(!path.exists());
         assert_eq!(unchanged.entry.remove()?, Removal::Gone);
 
-        let replaced = opened(b"RIFF two").await?;
-        let newer = root.path().join("a.wav.tmp");
-        std::fs::write(&newer, b"RIFF newer")?;
-        std::fs::rename(&newer, &path)?;
-        let removal = replaced.entry.remove()?;
-        assert!(
-            matches!(
-                removal,
-                Removal::Kept {
-                    reason: KeptReason::Replaced,
-                    left_as: None,
-                    ..
-                }
-            ),
-            "{removal:?}"
-        );
-        assert_eq!(
-            std::fs::read(&path)?,
-            b"RIFF newer",
-            "the file renamed over the source stays"
-        );
-
+        // A file renamed over the source has a test of its own (below).
         let changed = opened(b"RIFF three").await?;
         std::fs::OpenOptions::new()
             .append(true)
@@ -257,6 +248,61 @@ mod tests {
 
         let same = opened(b"RIFF four").await?;
         assert_eq!(same.entry.remove_if_unchanged()?, Removal::Removed);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_file_renamed_over_the_source_is_kept_without_ever_being_renamed()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let path = root.path().join("a.wav");
+        std::fs::write(&path, b"RIFF read")?;
+        let opened = open_local(&path, &[root.path().to_path_buf()], u64::MAX).await?;
+        let newer = root.path().join("a.wav.tmp");
+        std::fs::write(&newer, b"RIFF newer")?;
+        std::fs::rename(&newer, &path)?;
+        let before = std::fs::symlink_metadata(&path)?;
+        // A rename sets the file's ctime; wait until the file system's clock has
+        // moved past it, so that a rename aside and back would show.
+        let probe = root.path().join("clock");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            std::fs::write(&probe, b"tick")?;
+            let now = std::fs::symlink_metadata(&probe)?;
+            if (now.ctime(), now.ctime_nsec()) > (before.ctime(), before.ctime_nsec()) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err("the file system clock did not move in 10 s".into());
+            }
+            std::thread::yield_now();
+        }
+
+        let removal = opened.entry.remove()?;
+
+        assert!(
+            matches!(
+                removal,
+                Removal::Kept {
+                    reason: KeptReason::Replaced,
+                    left_as: None,
+                    ..
+                }
+            ),
+            "{removal:?}"
+        );
+        let after = std::fs::symlink_metadata(&path)?;
+        assert_eq!(after.ino(), before.ino(), "the newer file is still at the name");
+        assert_eq!(
+            (after.ctime(), after.ctime_nsec()),
+            (before.ctime(), before.ctime_nsec()),
+            "the newer file was never renamed (its ctime is unchanged)"
+        );
+        assert_eq!(
+            std::fs::read(&path)?,
+            b"RIFF newer",
+            "the file renamed over the source stays"
+        );
         Ok(())
     }
 

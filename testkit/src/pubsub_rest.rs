@@ -190,6 +190,13 @@ impl PubsubRest {
         Ok(())
     }
 
+    /// Deletes a subscription; its un-acked messages go with it.
+    pub async fn delete_subscription(&self, name: &str) -> Result<()> {
+        let request = self.http.delete(self.url(&self.subscription_path(name)));
+        send(request, &format!("deleting subscription {name}"), &[]).await?;
+        Ok(())
+    }
+
     /// The subscription resource as the API returns it (`ackDeadlineSeconds`,
     /// `deadLetterPolicy`, `retryPolicy`, `enableExactlyOnceDelivery`, ...).
     pub async fn get_subscription(&self, name: &str) -> Result<Value> {

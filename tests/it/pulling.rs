@@ -64,14 +64,25 @@ async fn readyz(worker: &Process, status: u16, within: Duration) -> anyhow::Resu
     .await
 }
 
-/// The WARN lines that say the subscription check fails.
+/// The reasons of the WARN lines that say the subscription check fails.
 fn subscription_warnings(worker: &Process) -> anyhow::Result<Vec<String>> {
+    not_ready_warnings(worker, &["subscription"])
+}
+
+/// The reasons of the WARN lines that say one of `checks` fails.
+fn not_ready_warnings(worker: &Process, checks: &[&str]) -> anyhow::Result<Vec<String>> {
     Ok(worker
         .log()?
         .into_iter()
-        .filter(|line| line["level"] == "WARN" && line["check"] == "subscription")
+        .filter(|line| line["level"] == "WARN" && checks.iter().any(|check| line["check"] == *check))
         .filter_map(|line| line["reason"].as_str().map(str::to_string))
         .collect())
+}
+
+/// Whether a reason says that the subscription does not exist.
+fn says_not_found(reason: &str) -> bool {
+    let reason = reason.to_lowercase();
+    reason.contains("not_found") || reason.contains("not found")
 }
 
 /// Waits until every message of `names` has a stored event; repeats are fine
@@ -220,6 +231,54 @@ async fn a_pull_that_got_nothing_through_an_outage_is_reopened_as_soon_as_pubsub
     wait_stored(&env, &["after"], Duration::from_secs(60))
         .await
         .with_context(|| log_tail(&env, &worker))?;
+    worker.signal("-TERM").await?;
+    assert_eq!(worker.exit_code(TIMEOUT).await?, Some(0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_subscription_makes_readyz_503_with_the_reason_and_recreating_it_recovers()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let mut worker = Process::spawn(&env, &[])?;
+    readyz(&worker, 200, TIMEOUT).await?;
+    // Whichever notices first: the probe (`subscription`) or the stream (`pull`).
+    let checks = ["subscription", "pull"];
+    let warned = not_ready_warnings(&worker, &checks)?.len();
+
+    env.pubsub.delete_subscription(&env.subscription).await?;
+    let body = readyz(&worker, 503, Duration::from_secs(15)).await?;
+    ensure!(
+        body.contains(&env.subscription) && says_not_found(&body),
+        "{body}"
+    );
+    // The line is written just after readiness changes.
+    wait_for(
+        "a new WARN line saying the subscription is not found",
+        TIMEOUT,
+        || async {
+            let warnings = not_ready_warnings(&worker, &checks)?;
+            Ok(warnings[warned..]
+                .iter()
+                .any(|reason| says_not_found(reason))
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    env.pubsub
+        .create_subscription(&env.subscription, &env.topic, env.default_input_options())
+        .await?;
+    readyz(&worker, 200, TIMEOUT)
+        .await
+        .with_context(|| log_tail(&env, &worker))?;
+    publish_tracks(&env, &["recreated"]).await?;
+    wait_stored(&env, &["recreated"], TIMEOUT)
+        .await
+        .with_context(|| log_tail(&env, &worker))?;
+    let reconnects = worker.metric("audio_store_pull_reconnects_total").await?;
+    ensure!(reconnects >= Some(1.0), "reconnects: {reconnects:?}");
     worker.signal("-TERM").await?;
     assert_eq!(worker.exit_code(TIMEOUT).await?, Some(0));
     Ok(())

@@ -1,9 +1,10 @@
-//! Replay under real conditions: paced and killed midway, long after the fact, and
-//! while the worker runs.
+//! Replay under real conditions: paced and killed midway, long after the fact,
+//! while the worker runs, and given a dead-letter copy without its data.
 
 use crate::replay::{TIMEOUT, dead_letter_missing_files, json_lines, moved_ids, replay};
 use crate::support::{BINARY, Worker, event_json, settings};
 use anyhow::{Context as _, ensure};
+use audio_store::dead_letter;
 use audio_store::identity::{AudioId, IdentityKey};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -245,5 +246,60 @@ async fn a_replay_while_the_worker_runs_over_permanent_failures_terminates_and_m
     })
     .await?;
     worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_copy_without_its_data_is_skipped_and_left() -> anyhow::Result<()> {
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    // What the worker publishes for a message over the 10 MB limit: no data, its size in an attribute.
+    let dropped_bytes = "10485760";
+    env.pubsub
+        .publish(
+            &env.dead_letter_topic,
+            b"",
+            &[
+                (dead_letter::ERROR_KIND, "invalid_json"),
+                (dead_letter::ERROR, "data is not valid JSON"),
+                (dead_letter::ORIGINAL_MESSAGE_ID, "too-large-1"),
+                (dead_letter::DATA_DROPPED_BYTES, dropped_bytes),
+            ],
+        )
+        .await?;
+
+    let (code, stdout, stderr) = replay(&env, &["--output", "json"]).await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines = json_lines(&stdout)?;
+    ensure!(lines.len() == 2, "one entry and a summary:\n{stdout}");
+    assert_eq!(lines[0]["action"], "skipped", "{}", lines[0]);
+    assert_eq!(lines[0]["original_message_id"], "too-large-1");
+    ensure!(
+        lines[0]["failure"]
+            .as_str()
+            .is_some_and(|failure| failure.contains(dropped_bytes)),
+        "the entry says why: {}",
+        lines[0]
+    );
+    assert_eq!(
+        lines[1]["summary"],
+        json!({"moved": 0, "skipped": 1, "failed": 0, "dry_run": false})
+    );
+    let input = env
+        .pubsub
+        .drain_for(&env.subscription, Duration::from_secs(2))
+        .await?;
+    ensure!(input.is_empty(), "republished: {input:?}");
+
+    // Still on the dead-letter subscription (released from replay's closed stream).
+    let left = env
+        .pubsub
+        .recover_unacked(&env.dead_letter_subscription, 1, TIMEOUT)
+        .await?;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        left[0].attribute(dead_letter::DATA_DROPPED_BYTES),
+        Some(dropped_bytes)
+    );
     Ok(())
 }

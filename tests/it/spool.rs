@@ -124,7 +124,19 @@ async fn a_spool_directory_swapped_with_a_symlink_in_a_loop_never_exposes_a_file
             Some("source_not_allowed"),
             "{message:?}"
         );
+        let error = message.attribute("error").context("error")?;
+        ensure!(
+            error.contains("changed while it was being checked")
+                || error.contains("outside sources.local_roots"),
+            "a dead letter for another reason: {error}"
+        );
     }
+    // The loop must have caught the worker at least once, or the test proved nothing.
+    let kept = metrics.sources_kept(KeptReason::Replaced);
+    ensure!(
+        dead.len() as u64 + kept > 0,
+        "the loop never caught the worker: nothing refused or kept ({summary:?})"
+    );
     assert_eq!(objects.len() as u64, summary.stored, "{summary:?}");
     assert_eq!(
         summary.stored + summary.dead_lettered,
@@ -139,7 +151,6 @@ async fn a_spool_directory_swapped_with_a_symlink_in_a_loop_never_exposes_a_file
     };
     // A stored file is kept too when, at its removal, the loop had its directory away from its place.
     let left = std::fs::read_dir(&real)?.count() as u64;
-    let kept = metrics.sources_kept(KeptReason::Replaced);
     assert_eq!(
         left,
         summary.dead_lettered + kept,
