@@ -171,6 +171,7 @@ fn configuration_that_cannot_work_names_its_key() -> Result<(), Box<dyn std::err
             "log.level",
         ),
         (minimal(), "AUDIO_STORE__LOG__LEVEL", "=debug", "log.level"),
+        (minimal(), "RUST_LOG", "verbose", "RUST_LOG"),
         (
             minimal(),
             "AUDIO_STORE__SOURCES__LOCAL_ROOTS",

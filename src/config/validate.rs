@@ -231,6 +231,10 @@ impl Settings {
             }
         };
         check_log_filter("log.level", &raw.log.level)?;
+        // `RUST_LOG` replaces `log.level` (see `telemetry::init`): a bad one would silence every log line.
+        if let Some(directives) = environment.get("RUST_LOG").filter(|text| !text.is_empty()) {
+            check_log_filter("RUST_LOG", directives)?;
+        }
         let log = LogSettings {
             format,
             level: raw.log.level.clone(),

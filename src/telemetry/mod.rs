@@ -57,11 +57,14 @@ impl Telemetry {
 }
 
 /// Installs the global subscriber: `log.format` and `log.level` to stderr
-/// (`RUST_LOG`, when set, replaces `log.level`), and the span export when
+/// (`RUST_LOG`, when set and not empty, replaces `log.level`), and the span export when
 /// `telemetry.otlp_endpoint` is set. Must be called inside the runtime.
 pub fn init(settings: &Settings) -> Result<Telemetry, ConfigError> {
     let log = &settings.log;
-    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| log.level.clone());
+    let directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|text| !text.is_empty())
+        .unwrap_or_else(|| log.level.clone());
     let mut filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new(&log.level));
     for directive in QUIET_TARGETS {
         filter = filter.add_directive(directive.parse().expect("a valid directive"));
