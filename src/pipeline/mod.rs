@@ -124,6 +124,7 @@ impl Pipeline {
                     // Not acked: the message comes back and identity makes the redelivery harmless.
                     // Keep the sources so that the redelivery finds them.
                     let failure = Failure::from(error);
+                    spans::failed(&span, &failure);
                     warn!(
                         error = failure.message(),
                         error_kind = failure.kind().as_str(),
