@@ -10,11 +10,14 @@
 //!
 //! The files: this one (what a probe finds, the read budget), `audio.rs`
 //! (symphonia: container, codec, first packets, truncation), `rf64.rs` (the
-//! RF64 header patched for symphonia), `image.rs` (imagesize).
+//! RF64 header patched for symphonia), `image.rs` (imagesize), `tests.rs`
+//! (the unit tests, against the fixtures).
 
 mod audio;
 mod image;
 mod rf64;
+#[cfg(test)]
+mod tests;
 
 pub use audio::probe_audio;
 pub use image::probe_image;

@@ -1,0 +1,138 @@
+//! Unit tests of the probe against the fixtures (tests/fixtures/media).
+
+use super::*;
+use std::path::PathBuf;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/media")
+}
+
+fn probe_file(name: &str) -> Result<Probed<AudioMedia>, NotMedia> {
+    let bytes = std::fs::read(fixtures().join(name)).expect("fixture");
+    let size = bytes.len() as u64;
+    probe_audio(std::io::Cursor::new(bytes), size)
+}
+
+#[test]
+fn every_good_fixture_probes_as_ffprobe_says() {
+    let manifest = std::fs::read_to_string(fixtures().join("manifest.tsv")).expect("manifest");
+    let mut failures = Vec::new();
+    for line in manifest.lines().skip(1) {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let (name, kind) = (fields[0], fields[1]);
+        if kind == "image" {
+            let bytes = std::fs::read(fixtures().join(name)).expect("fixture");
+            match probe_image(&bytes) {
+                Ok(probed) => {
+                    let size = (probed.media.width.to_string(), probed.media.height.to_string());
+                    if (size.0.as_str(), size.1.as_str()) != (fields[7], fields[8]) {
+                        failures.push(format!("{name}: {size:?}"));
+                    }
+                }
+                Err(error) => failures.push(format!("{name}: {error}")),
+            }
+            continue;
+        }
+        match probe_file(name) {
+            Ok(probed) => {
+                let media = &probed.media;
+                let expected_ms: f64 = fields[6].parse().unwrap_or(0.0);
+                let got_ms = media.duration_ms.unwrap_or(0) as f64;
+                let close = (got_ms - expected_ms).abs() <= (expected_ms * 0.02).max(80.0);
+                let estimated = name == "mp3-cbr-bare.mp3" || name == "mp3-leading-junk.mp3";
+                if media.sample_rate.to_string() != fields[4]
+                    || media.channels.to_string() != fields[5]
+                    || media.codec != fields[3]
+                    || !close
+                    || media.duration_estimated != estimated
+                    || media.bitrate.is_none()
+                {
+                    failures.push(format!("{name}: {media:?} vs {line}"));
+                }
+            }
+            Err(error) => failures.push(format!("{name}: {error}")),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn flac_cut_short_anywhere_is_truncated() {
+    let whole = std::fs::read(fixtures().join("flac-16bit.flac")).expect("fixture");
+    for percent in [99, 95, 75, 50, 25, 10] {
+        let cut = whole[..whole.len() * percent / 100].to_vec();
+        let size = cut.len() as u64;
+        let error = probe_audio(std::io::Cursor::new(cut), size).expect_err("truncated");
+        assert!(error.0.contains("truncated"), "{percent}%: {error}");
+    }
+}
+
+#[test]
+fn opus_whose_audio_pages_fail_their_checksums_has_no_frames() {
+    let mut opus = std::fs::read(fixtures().join("opus.opus")).expect("fixture");
+    // The third Ogg page on holds the audio; flip a byte in each of them.
+    let pages: Vec<usize> = opus
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| w == b"OggS")
+        .map(|(at, _)| at)
+        .collect();
+    assert!(pages.len() >= 3, "{pages:?}");
+    for at in &pages[2..] {
+        opus[at + 30] ^= 0xff;
+    }
+    let size = opus.len() as u64;
+    let error = probe_audio(std::io::Cursor::new(opus), size).expect_err("corrupt pages");
+    assert!(
+        error.0.contains("no audio frames") || error.0.contains("crc mismatch"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_mp3_whose_tag_alone_outgrows_the_read_budget_says_so() {
+    // An ID3v2.3 tag with one 5 MiB TXXX frame, before a real MP3.
+    let value = vec![b'a'; 5 * 1024 * 1024];
+    let mut frame = b"TXXX".to_vec();
+    frame.extend_from_slice(&(value.len() as u32 + 5).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0]);
+    frame.extend_from_slice(b"big\0");
+    frame.extend_from_slice(&value);
+    let syncsafe = |size: usize| {
+        [
+            (size >> 21) as u8 & 0x7f,
+            (size >> 14) as u8 & 0x7f,
+            (size >> 7) as u8 & 0x7f,
+            size as u8 & 0x7f,
+        ]
+    };
+    let mut file = b"ID3\x03\x00\x00".to_vec();
+    file.extend_from_slice(&syncsafe(frame.len()));
+    file.extend_from_slice(&frame);
+    file.extend_from_slice(&std::fs::read(fixtures().join("mp3-cbr-bare.mp3")).expect("fixture"));
+    let size = file.len() as u64;
+    let error = probe_audio(std::io::Cursor::new(file), size).expect_err("over the budget");
+    assert!(error.0.starts_with("cannot be probed within 4 MiB"), "{error}");
+}
+
+#[test]
+fn every_bad_fixture_is_rejected_with_a_reason() {
+    let mut accepted = Vec::new();
+    for entry in std::fs::read_dir(fixtures().join("bad")).expect("bad fixtures") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = std::fs::read(&path).expect("fixture");
+        let size = bytes.len() as u64;
+        let image = probe_image(&bytes);
+        let audio = probe_audio(std::io::Cursor::new(bytes), size);
+        match (&audio, &image) {
+            (Err(a), Err(i)) => eprintln!("{name}: audio: {a}; image: {i}"),
+            _ => accepted.push(format!("{name}: {audio:?} {image:?}")),
+        }
+    }
+    assert!(accepted.is_empty(), "{accepted:#?}");
+}
