@@ -2,8 +2,8 @@
 
 use super::rf64::Rf64;
 use super::{
-    AudioMedia, BUDGET_SPENT, Budgeted, MP3_FRAMES, NotMedia, PACKETS_TO_DECODE, Probeable, Probed,
-    READ_BUDGET, not_media,
+    AudioMedia, BUDGET_SPENT, Budgeted, MP3_FRAMES, NotMedia, PACKETS_TO_DECODE, ProbeError, Probeable,
+    Probed, READ_BUDGET, ReadFailure, not_media,
 };
 use crate::content::{self, ContentType};
 use std::io::{Read, Seek, SeekFrom};
@@ -15,16 +15,24 @@ use symphonia::core::io::{MediaSource, MediaSourceStream, MediaSourceStreamOptio
 use symphonia::core::meta::MetadataOptions;
 
 /// Probes `bytes` (positioned anywhere; `size` long) as audio.
-pub fn probe_audio(bytes: impl Probeable + 'static, size: u64) -> Result<Probed<AudioMedia>, NotMedia> {
+pub fn probe_audio(bytes: impl Probeable + 'static, size: u64) -> Result<Probed<AudioMedia>, ProbeError> {
+    let failed = ReadFailure::default();
+    let probed = probe_budgeted(Budgeted::new(bytes, size, failed.clone()), size);
+    // A failed read decides: what symphonia made of the bytes it lacked says nothing of the content.
+    match failed.take() {
+        Some(error) => Err(ProbeError::Unreadable(error)),
+        None => probed.map_err(ProbeError::from),
+    }
+}
+
+fn probe_budgeted(
+    mut bytes: Budgeted<impl Probeable + 'static>,
+    size: u64,
+) -> Result<Probed<AudioMedia>, NotMedia> {
     if size == 0 {
         return Err(not_media("is empty"));
     }
     let unreadable = |error: std::io::Error| not_media(format!("cannot be read: {error}"));
-    let mut bytes = Budgeted {
-        inner: bytes,
-        size,
-        left: READ_BUDGET,
-    };
     let leading = leading_bytes(&mut bytes).map_err(unreadable)?;
     let rf64 = Rf64::read(&leading);
     bytes.seek(SeekFrom::Start(0)).map_err(unreadable)?;

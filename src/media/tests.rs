@@ -7,7 +7,7 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/media")
 }
 
-fn probe_file(name: &str) -> Result<Probed<AudioMedia>, NotMedia> {
+fn probe_file(name: &str) -> Result<Probed<AudioMedia>, ProbeError> {
     let bytes = std::fs::read(fixtures().join(name)).expect("fixture");
     let size = bytes.len() as u64;
     probe_audio(std::io::Cursor::new(bytes), size)
@@ -63,7 +63,7 @@ fn flac_cut_short_anywhere_is_truncated() {
         let cut = whole[..whole.len() * percent / 100].to_vec();
         let size = cut.len() as u64;
         let error = probe_audio(std::io::Cursor::new(cut), size).expect_err("truncated");
-        assert!(error.0.contains("truncated"), "{percent}%: {error}");
+        assert!(error.to_string().contains("truncated"), "{percent}%: {error}");
     }
 }
 
@@ -84,7 +84,7 @@ fn opus_whose_audio_pages_fail_their_checksums_has_no_frames() {
     let size = opus.len() as u64;
     let error = probe_audio(std::io::Cursor::new(opus), size).expect_err("corrupt pages");
     assert!(
-        error.0.contains("no audio frames") || error.0.contains("crc mismatch"),
+        error.to_string().contains("no audio frames") || error.to_string().contains("crc mismatch"),
         "{error}"
     );
 }
@@ -112,7 +112,10 @@ fn an_mp3_whose_tag_alone_outgrows_the_read_budget_says_so() {
     file.extend_from_slice(&std::fs::read(fixtures().join("mp3-cbr-bare.mp3")).expect("fixture"));
     let size = file.len() as u64;
     let error = probe_audio(std::io::Cursor::new(file), size).expect_err("over the budget");
-    assert!(error.0.starts_with("cannot be probed within 4 MiB"), "{error}");
+    assert!(
+        error.to_string().starts_with("cannot be probed within 4 MiB"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -135,4 +138,57 @@ fn every_bad_fixture_is_rejected_with_a_reason() {
         }
     }
     assert!(accepted.is_empty(), "{accepted:#?}");
+}
+
+/// A fixture's bytes whose reads fail from `fail_at` on, as a disk with a bad
+/// sector or a connection reset mid-object would.
+struct FailingFrom {
+    bytes: std::io::Cursor<Vec<u8>>,
+    fail_at: u64,
+}
+
+impl Read for FailingFrom {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        if self.bytes.position() >= self.fail_at {
+            return Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        }
+        let until = usize::try_from(self.fail_at - self.bytes.position()).unwrap_or(usize::MAX);
+        let wanted = buffer.len().min(until);
+        self.bytes.read(&mut buffer[..wanted])
+    }
+}
+
+impl Seek for FailingFrom {
+    fn seek(&mut self, position: SeekFrom) -> std::io::Result<u64> {
+        self.bytes.seek(position)
+    }
+}
+
+#[test]
+fn a_read_that_fails_during_the_probe_is_unreadable_not_bad_content() {
+    for (name, class, fail_at) in [
+        ("wav-16bit.wav", MediaClass::Audio, 0),
+        ("wav-16bit.wav", MediaClass::Audio, 100),
+        ("flac-16bit.flac", MediaClass::Audio, 4_000),
+        ("m4a-moov-last.m4a", MediaClass::Audio, 1_000),
+        ("png.png", MediaClass::Image, 10),
+    ] {
+        let bytes = std::fs::read(fixtures().join(name)).expect("fixture");
+        let size = bytes.len() as u64;
+        assert!(fail_at < size, "{name}");
+        let failing = FailingFrom {
+            bytes: std::io::Cursor::new(bytes),
+            fail_at,
+        };
+        match probe(class, failing, size) {
+            Err(ProbeError::Unreadable(error)) => {
+                assert_eq!(
+                    error.kind(),
+                    std::io::ErrorKind::ConnectionReset,
+                    "{name}: {error}"
+                );
+            }
+            other => panic!("{name} failing at {fail_at}: {other:?}"),
+        }
+    }
 }
