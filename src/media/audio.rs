@@ -1,5 +1,6 @@
 //! Audio: a recognised container with a decodable audio track, not cut short.
 
+use super::chunks;
 use super::rf64::Rf64;
 use super::{
     AudioMedia, BUDGET_SPENT, Budgeted, MP3_FRAMES, NotMedia, PACKETS_TO_DECODE, ProbeError, Probeable,
@@ -118,7 +119,15 @@ fn probe_budgeted(
     // first bitrate: say so.
     let duration_estimated = codec == "mp3" && duration_ms.is_some() && !has_vbr_header(&leading);
     if let Some(frames) = duration_frames {
-        check_not_truncated(format.as_mut(), track.id, container, &params, frames, size)?;
+        let data_start = chunks::audio_data_start(&leading);
+        check_not_truncated(
+            format.as_mut(),
+            track.id,
+            container,
+            &params,
+            frames,
+            (data_start, size),
+        )?;
     }
     let bitrate = duration_ms.filter(|ms| *ms > 0).map(|ms| size * 8 * 1_000 / ms);
     Ok(Probed {
@@ -252,15 +261,16 @@ fn first_packets(
     Ok(good)
 }
 
-/// For a WAV or AIFF, the data the header promises must be in the file; for
-/// any other format with a known length, the last second must be reachable.
+/// For a WAV or AIFF, the data the header promises must be in the file after
+/// the headers (`data_start`, where the file's `size` bytes begin their audio);
+/// for a FLAC, the last quarter second must be reachable.
 fn check_not_truncated(
     format: &mut dyn FormatReader,
     track: u32,
     container: &str,
     params: &symphonia::core::codecs::audio::AudioCodecParameters,
     frames: u64,
-    size: u64,
+    (data_start, size): (u64, u64),
 ) -> Result<(), NotMedia> {
     let sample_rate = u64::from(params.sample_rate.unwrap_or(1));
     let seconds = |frames: u64| frames as f64 / sample_rate as f64;
@@ -274,9 +284,9 @@ fn check_not_truncated(
         )
         .div_ceil(8);
         let promised = frames * channels * bytes_per_sample;
-        if promised > size {
+        if data_start + promised > size {
             return Err(not_media(format!(
-                "is truncated: its header promises {promised} bytes of audio ({:.3} s), the file holds {size} bytes",
+                "is truncated: its header promises {promised} bytes of audio ({:.3} s) from byte {data_start}, the file holds {size} bytes",
                 seconds(frames)
             )));
         }

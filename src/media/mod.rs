@@ -9,11 +9,13 @@
 //! format needs one; never the whole file.
 //!
 //! The files: this one (what a probe finds, the read budget), `audio.rs`
-//! (symphonia: container, codec, first packets, truncation), `rf64.rs` (the
-//! RF64 header patched for symphonia), `image.rs` (imagesize), `tests.rs`
-//! (the unit tests, against the fixtures).
+//! (symphonia: container, codec, first packets, truncation), `chunks.rs`
+//! (RIFF and AIFF chunk walks), `rf64.rs` (the RF64 header patched for
+//! symphonia), `image.rs` (imagesize), `tests.rs` (the unit tests, against
+//! the fixtures).
 
 mod audio;
+mod chunks;
 mod image;
 mod rf64;
 #[cfg(test)]

@@ -192,3 +192,50 @@ fn a_read_that_fails_during_the_probe_is_unreadable_not_bad_content() {
         }
     }
 }
+
+#[test]
+fn a_wav_or_aiff_cut_by_less_than_its_headers_is_truncated() {
+    for (name, keep) in [
+        ("wav-16bit.wav", Keep::AllBut(10)),
+        ("wav-16bit.wav", Keep::AllBut(1)),
+        ("rf64.wav", Keep::AllBut(10)),
+        ("aiff.aiff", Keep::AllBut(10)),
+        ("aiff.aiff", Keep::Half),
+    ] {
+        let whole = std::fs::read(fixtures().join(name)).expect("fixture");
+        let cut = match keep {
+            Keep::AllBut(bytes) => whole.len() - bytes,
+            Keep::Half => whole.len() / 2,
+        };
+        let bytes = whole[..cut].to_vec();
+        let error = probe_audio(std::io::Cursor::new(bytes), cut as u64).expect_err("truncated");
+        let reason = error.to_string();
+        // The header's promise and the file's size, or symphonia's own end of file at that size.
+        assert!(
+            reason.contains("is truncated") && reason.contains(&format!(" {cut} bytes")),
+            "{name} cut to {cut}: {reason}"
+        );
+    }
+}
+
+#[test]
+fn the_audio_data_starts_after_the_chunks_before_it() {
+    let data_start = |name: &str| {
+        let whole = std::fs::read(fixtures().join(name)).expect("fixture");
+        chunks::audio_data_start(&whole[..whole.len().min(8192)])
+    };
+    // RIFF: fmt (16) and LIST (26) before `data` at 70; AIFF: COMM (18), SSND at 38 with offset 0.
+    assert_eq!(data_start("wav-16bit.wav"), 78);
+    assert_eq!(data_start("aiff.aiff"), 54);
+    assert_eq!(data_start("flac-16bit.flac"), 0);
+    assert_eq!(
+        chunks::find(b"RIFF\0\0\0\0WAVEfmt \x10\0\0\0", b"data", false),
+        chunks::Found::Beyond(36)
+    );
+}
+
+/// How much of a fixture a test keeps.
+enum Keep {
+    AllBut(usize),
+    Half,
+}
