@@ -53,9 +53,12 @@ fn probe_budgeted(
             symphonia::core::errors::Error::IoError(error)
                 if error.kind() == std::io::ErrorKind::UnexpectedEof =>
             {
-                not_media(format!(
-                    "is truncated: the file ends at {size} bytes, inside what its headers describe"
-                ))
+                not_media(match chunks::promise(&leading) {
+                    Some(promised) => format!(
+                        "is truncated: its header promises {promised}, the file holds {size} bytes"
+                    ),
+                    None => format!("is truncated: the file ends at {size} bytes, inside what its headers describe"),
+                })
             }
             symphonia::core::errors::Error::IoError(error) if error.to_string() == BUDGET_SPENT => not_media(format!(
                 "cannot be probed within {} MiB of reading (an ID3v2 tag or header that large, e.g. a huge embedded picture)",

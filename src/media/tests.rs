@@ -63,7 +63,16 @@ fn flac_cut_short_anywhere_is_truncated() {
         let cut = whole[..whole.len() * percent / 100].to_vec();
         let size = cut.len() as u64;
         let error = probe_audio(std::io::Cursor::new(cut), size).expect_err("truncated");
-        assert!(error.to_string().contains("truncated"), "{percent}%: {error}");
+        let reason = error.to_string();
+        // The promise, and the size: where the stream ends after a seek, or where the file does.
+        let size_named = [format!("({size} bytes)"), format!("the file holds {size} bytes")]
+            .iter()
+            .any(|said| reason.contains(said.as_str()));
+        assert!(
+            reason.contains("is truncated: its header promises 0.500 s of audio (22050 samples)")
+                && size_named,
+            "{percent}%: {reason}"
+        );
     }
 }
 
@@ -210,28 +219,43 @@ fn a_wav_or_aiff_cut_by_less_than_its_headers_is_truncated() {
         let bytes = whole[..cut].to_vec();
         let error = probe_audio(std::io::Cursor::new(bytes), cut as u64).expect_err("truncated");
         let reason = error.to_string();
-        // The header's promise and the file's size, or symphonia's own end of file at that size.
         assert!(
-            reason.contains("is truncated") && reason.contains(&format!(" {cut} bytes")),
+            reason.contains("is truncated: its header promises ")
+                && reason.contains(&format!("the file holds {cut} bytes")),
             "{name} cut to {cut}: {reason}"
         );
     }
 }
 
 #[test]
-fn the_audio_data_starts_after_the_chunks_before_it() {
-    let data_start = |name: &str| {
+fn the_headers_say_where_the_audio_starts_and_what_they_promise() {
+    let leading = |name: &str| {
         let whole = std::fs::read(fixtures().join(name)).expect("fixture");
-        chunks::audio_data_start(&whole[..whole.len().min(8192)])
+        whole[..whole.len().min(8192)].to_vec()
     };
     // RIFF: fmt (16) and LIST (26) before `data` at 70; AIFF: COMM (18), SSND at 38 with offset 0.
-    assert_eq!(data_start("wav-16bit.wav"), 78);
-    assert_eq!(data_start("aiff.aiff"), 54);
-    assert_eq!(data_start("flac-16bit.flac"), 0);
+    assert_eq!(chunks::audio_data_start(&leading("wav-16bit.wav")), 78);
+    assert_eq!(chunks::audio_data_start(&leading("aiff.aiff")), 54);
+    assert_eq!(chunks::audio_data_start(&leading("flac-16bit.flac")), 0);
     assert_eq!(
         chunks::find(b"RIFF\0\0\0\0WAVEfmt \x10\0\0\0", b"data", false),
         chunks::Found::Beyond(36)
     );
+    let promise = |name: &str| chunks::promise(&leading(name));
+    assert_eq!(
+        promise("wav-16bit.wav").as_deref(),
+        Some("44100 bytes of audio from byte 78")
+    );
+    assert_eq!(
+        promise("aiff.aiff").as_deref(),
+        Some("22050 bytes of audio from byte 54")
+    );
+    assert_eq!(
+        promise("flac-16bit.flac").as_deref(),
+        Some("0.500 s of audio (22050 samples)")
+    );
+    assert_eq!(promise("rf64.wav"), None);
+    assert_eq!(promise("mp3-cbr-bare.mp3"), None);
 }
 
 /// How much of a fixture a test keeps.
