@@ -184,6 +184,9 @@ fn codec_name(params: &symphonia::core::codecs::audio::AudioCodecParameters) -> 
         CODEC_ID_PCM_F64BE => "pcm_f64be",
         CODEC_ID_PCM_ALAW => "pcm_alaw",
         CODEC_ID_PCM_MULAW => "pcm_mulaw",
+        // Known to the demuxers, not decoded here: named so that the reason says which.
+        CODEC_ID_ADPCM_IMA_WAV => "adpcm_ima_wav",
+        CODEC_ID_ADPCM_MS => "adpcm_ms",
         _ => "other",
     }
 }
