@@ -263,3 +263,24 @@ enum Keep {
     AllBut(usize),
     Half,
 }
+
+#[test]
+fn an_image_wider_or_taller_than_the_bound_is_rejected_naming_it() {
+    let png = std::fs::read(fixtures().join("png.png")).expect("fixture");
+    // IHDR: width at bytes 16..20, height at 20..24 (its CRC is not checked by a header probe).
+    let with_side = |at: usize, side: u32| {
+        let mut patched = png.clone();
+        patched[at..at + 4].copy_from_slice(&side.to_be_bytes());
+        probe_image(&patched)
+    };
+    let bound = MAX_IMAGE_SIDE as u32;
+    for (at, side) in [(16, bound + 1), (20, bound + 1), (16, u32::MAX >> 1)] {
+        let error = with_side(at, side).expect_err("over the bound");
+        assert!(
+            error.0.contains(&format!("{side}")) && error.0.ends_with("more than 20000 per side"),
+            "{error}"
+        );
+    }
+    let probed = with_side(16, bound).expect("at the bound");
+    assert_eq!((probed.media.width, probed.media.height), (bound, 30));
+}
