@@ -154,7 +154,6 @@ fn container_name(short_name: &'static str) -> &'static str {
         "wave" => "wav",
         "isomp4" => "mp4",
         "mp1" | "mp2" | "mp3" => "mp3",
-        "adts" => "aac",
         other => other,
     }
 }
