@@ -16,19 +16,21 @@ use testkit::{TestEnv, crc32c_base64};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The canonical extension a good fixture must be stored under.
-fn canonical_extension(name: &str) -> &'static str {
+/// What a good fixture must be stored as, by its own extension: the canonical
+/// extension, the content type, and the container (audio) or format (image)
+/// that the event's `media` reports.
+fn stored_as(name: &str) -> (&'static str, &'static str, &'static str) {
     match name.rsplit('.').next().unwrap_or_default() {
-        "wav" => ".wav",
-        "aiff" => ".aiff",
-        "flac" => ".flac",
-        "mp3" => ".mp3",
-        "ogg" => ".ogg",
-        "opus" => ".opus",
-        "m4a" => ".m4a",
-        "jpg" => ".jpg",
-        "png" => ".png",
-        "webp" => ".webp",
+        "wav" => (".wav", "audio/wav", "wav"),
+        "aiff" => (".aiff", "audio/aiff", "aiff"),
+        "flac" => (".flac", "audio/flac", "flac"),
+        "mp3" => (".mp3", "audio/mpeg", "mp3"),
+        "ogg" => (".ogg", "audio/ogg", "ogg"),
+        "opus" => (".opus", "audio/opus", "ogg"),
+        "m4a" => (".m4a", "audio/mp4", "mp4"),
+        "jpg" => (".jpg", "image/jpeg", "jpeg"),
+        "png" => (".png", "image/png", "png"),
+        "webp" => (".webp", "image/webp", "webp"),
         other => panic!("no canonical extension for {other}"),
     }
 }
@@ -36,13 +38,19 @@ fn canonical_extension(name: &str) -> &'static str {
 fn check_media(expected: &Fixture, described: &serde_json::Value) -> anyhow::Result<()> {
     let media = &described["media"];
     let name = &expected.name;
+    let (extension, content_type, container) = stored_as(name);
     ensure!(
-        described["name"]
-            .as_str()
-            .is_some_and(|n| n.ends_with(canonical_extension(name))),
+        described["name"].as_str().is_some_and(|n| n.ends_with(extension)),
         "{name}: stored as {}",
         described["name"]
     );
+    assert_eq!(described["content_type"], content_type, "{name}: {described}");
+    let field = if expected.kind == "image" {
+        "format"
+    } else {
+        "container"
+    };
+    assert_eq!(media[field], container, "{name}: {media}");
     if expected.kind == "image" {
         assert_eq!(media["width"].to_string(), expected.width, "{name}: {media}");
         assert_eq!(media["height"].to_string(), expected.height, "{name}: {media}");
