@@ -119,8 +119,10 @@ fn probe_budgeted(
     });
     let duration_ms = duration_frames.map(|frames| frames * 1_000 / u64::from(sample_rate));
     // Without a Xing/Info/VBRI header the demuxer computes an MP3's length from its size and
-    // first bitrate: say so.
-    let duration_estimated = codec == "mp3" && duration_ms.is_some() && !has_vbr_header(&leading);
+    // first bitrate, and an ADTS stream's from its size and the mean size of frames sampled at
+    // four places: say so.
+    let duration_estimated =
+        duration_ms.is_some() && (container == "aac" || codec == "mp3" && !has_vbr_header(&leading));
     if let Some(frames) = duration_frames {
         let data_start = chunks::audio_data_start(&leading);
         check_not_truncated(
@@ -203,7 +205,7 @@ fn content_type_of(container: &str, codec: &str) -> Result<ContentType, NotMedia
         ("aac", "aac") => "aac",
         (container, codec) => {
             return Err(not_media(format!(
-                "holds {codec} in {container}, which is not accepted (WAV, FLAC, MP3, Ogg Vorbis/Opus, M4A AAC/ALAC, AIFF)"
+                "holds {codec} in {container}, which is not accepted (WAV, FLAC, MP3, Ogg Vorbis/Opus, M4A AAC/ALAC, AAC in ADTS, AIFF)"
             )));
         }
     };

@@ -55,7 +55,7 @@ pub struct AudioMedia {
     pub bits_per_sample: Option<u32>,
     /// Duration in milliseconds.
     pub duration_ms: Option<u64>,
-    /// The duration was computed from the size and bitrate (an MP3 without a Xing/VBRI/Info header).
+    /// The duration was computed from the size and bitrate (an MP3 without a Xing/VBRI/Info header, ADTS AAC).
     pub duration_estimated: bool,
     /// Average bits per second over the whole file.
     pub bitrate: Option<u64>,
