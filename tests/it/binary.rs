@@ -32,6 +32,10 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn check_config_exits_2_with_one_line_naming_the_bad_key() -> anyhow::Result<()> {
     let env = TestEnv::new();
+    let file_root = env
+        .spool_file("a-file-not-a-directory", b"x")
+        .display()
+        .to_string();
     let cases = [
         (
             "AUDIO_STORE__WORKER__CONCURRENCY",
@@ -63,6 +67,11 @@ async fn check_config_exits_2_with_one_line_naming_the_bad_key() -> anyhow::Resu
         (
             "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
             "/no/such/audio-store/spool",
+            "sources.local_roots[0]",
+        ),
+        (
+            "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
+            file_root.as_str(),
             "sources.local_roots[0]",
         ),
         (
