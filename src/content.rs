@@ -12,9 +12,6 @@ pub enum MediaClass {
 }
 
 /// A recognised media type.
-///
-/// Two values are equal when they name the same format, so aliases such as
-/// `jpeg` and `jpg` compare equal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContentType {
     /// The MIME type, e.g. `audio/flac`.

@@ -254,6 +254,9 @@ pub enum Problem {
     NotMedia(String),
     /// The probe could not run to its end (its task failed): transient.
     ProbeFailed(String),
+    /// An object could not be read while it was probed (Cloud Storage failed
+    /// after the client's own retries): transient, like any unanswered request.
+    ObjectUnreadable(String),
     /// Cloud Storage said an object exists, then did not find it: transient.
     StorageInconsistent(String),
 }
@@ -266,6 +269,7 @@ impl From<Problem> for Failure {
             Problem::OtherContent(what) => Failure::new(ErrorKind::IdConflict, what),
             Problem::NotMedia(what) => Failure::new(ErrorKind::BadContent, what),
             Problem::ProbeFailed(what) => Failure::new(ErrorKind::SourceUnreadable, what),
+            Problem::ObjectUnreadable(what) => Failure::new(ErrorKind::StorageUnavailable, what),
             Problem::StorageInconsistent(what) => Failure::new(ErrorKind::StorageUnavailable, what),
         }
     }

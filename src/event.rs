@@ -19,7 +19,7 @@ pub struct StoredObject {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
-    /// The sniffed content type.
+    /// The probed content type.
     pub content_type: String,
     /// CRC32C, base64 of the big-endian value (the GCS convention).
     pub crc32c: String,

@@ -69,6 +69,12 @@ pub enum LayoutError {
     /// A `{meta.KEY}` whose KEY cannot be a metadata key.
     #[error("{{meta.{0}}}: KEY must be 1-128 bytes without control characters, whitespace or braces")]
     InvalidMetaKey(String),
+    /// A `{meta.KEY}` whose KEY is one the worker writes itself: no message may
+    /// carry it, so no message could ever be stored.
+    #[error(
+        "{{meta.{0}}}: {0} is a reserved metadata key (the worker writes it itself), so no message can carry it"
+    )]
+    ReservedMetaKey(String),
     /// A `{` without `}` or a stray `}`.
     #[error("unbalanced braces in {0:?}")]
     Unbalanced(String),
@@ -140,6 +146,9 @@ impl Layout {
                         "mm" => Segment::Month,
                         "dd" => Segment::Day,
                         other => match other.strip_prefix("meta.") {
+                            Some(key) if crate::message::is_reserved(key) => {
+                                return Err(LayoutError::ReservedMetaKey(key.to_string()));
+                            }
                             Some(key) if is_meta_key(key) => Segment::Meta(key.to_string()),
                             Some(key) => return Err(LayoutError::InvalidMetaKey(key.to_string())),
                             None => return Err(LayoutError::UnknownPlaceholder(other.to_string())),
@@ -392,6 +401,22 @@ mod tests {
                 "{template:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_meta_placeholder_of_a_reserved_key_is_rejected_naming_the_key() {
+        for key in ["audio-id", "kind", "source-uri", "duration-ms", "Sample-Rate"] {
+            let template = format!("users/{{meta.{key}}}/{{audio_id}}/{{kind}}{{ext}}");
+            let error = Layout::parse(&template).expect_err("a reserved key");
+            assert_eq!(error, LayoutError::ReservedMetaKey(key.to_string()), "{template}");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with(&format!("{{meta.{key}}}: {key} is a reserved")),
+                "{error}"
+            );
+        }
+        assert!(Layout::parse("{meta.audio_id}/{audio_id}/{kind}{ext}").is_ok());
     }
 
     #[test]

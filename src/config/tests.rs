@@ -446,6 +446,21 @@ fn a_storage_class_must_be_one_gcs_knows() {
         error.to_string().starts_with("storage.layout: {meta.a b}"),
         "{error}"
     );
+    let error = Settings::load(
+        None,
+        &with(
+            minimal(),
+            "AUDIO_STORE__STORAGE__LAYOUT",
+            "users/{meta.audio-id}/{audio_id}/{kind}{ext}",
+        ),
+    )
+    .expect_err("a reserved meta key");
+    assert!(
+        error
+            .to_string()
+            .starts_with("storage.layout: {meta.audio-id}: audio-id is a reserved metadata key"),
+        "{error}"
+    );
 }
 
 #[test]

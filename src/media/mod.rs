@@ -9,18 +9,24 @@
 //! format needs one; never the whole file.
 //!
 //! The files: this one (what a probe finds, the read budget), `audio.rs`
-//! (symphonia: container, codec, first packets, truncation), `rf64.rs` (the
-//! RF64 header patched for symphonia), `image.rs` (imagesize).
+//! (symphonia: container, codec, first packets, truncation), `chunks.rs`
+//! (RIFF and AIFF chunk walks), `rf64.rs` (the RF64 header patched for
+//! symphonia), `image.rs` (imagesize), `tests.rs` (the unit tests, against
+//! the fixtures).
 
 mod audio;
+mod chunks;
 mod image;
 mod rf64;
+#[cfg(test)]
+mod tests;
 
 pub use audio::probe_audio;
 pub use image::probe_image;
 
 use crate::content::{ContentType, MediaClass};
 use std::io::{Read, Seek, SeekFrom};
+use std::sync::{Arc, Mutex, PoisonError};
 use symphonia::core::io::MediaSource;
 
 /// Most bytes one probe may read (headers, first packets, a seek to the end).
@@ -49,7 +55,7 @@ pub struct AudioMedia {
     pub bits_per_sample: Option<u32>,
     /// Duration in milliseconds.
     pub duration_ms: Option<u64>,
-    /// The duration was computed from the size and bitrate (an MP3 without a Xing/VBRI/Info header).
+    /// The duration was computed from the size and bitrate (an MP3 without a Xing/VBRI/Info header, ADTS AAC).
     pub duration_estimated: bool,
     /// Average bits per second over the whole file.
     pub bitrate: Option<u64>,
@@ -115,7 +121,7 @@ pub fn probe(
     class: MediaClass,
     bytes: impl Probeable + 'static,
     size: u64,
-) -> Result<Probed<Media>, NotMedia> {
+) -> Result<Probed<Media>, ProbeError> {
     match class {
         MediaClass::Audio => probe_audio(bytes, size).map(|probed| Probed {
             content_type: probed.content_type,
@@ -127,13 +133,27 @@ pub fn probe(
             bytes
                 .seek(SeekFrom::Start(0))
                 .and_then(|_| bytes.take(IMAGE_HEAD).read_to_end(&mut head))
-                .map_err(|error| not_media(format!("cannot be read: {error}")))?;
-            probe_image(&head).map(|probed| Probed {
-                content_type: probed.content_type,
-                media: Media::Image(probed.media),
-            })
+                .map_err(ProbeError::Unreadable)?;
+            probe_image(&head)
+                .map(|probed| Probed {
+                    content_type: probed.content_type,
+                    media: Media::Image(probed.media),
+                })
+                .map_err(ProbeError::from)
         }
     }
+}
+
+/// Why a probe has no answer: the file is not acceptable media, or it could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Not playable audio or a usable image: the file's own fault.
+    #[error(transparent)]
+    NotMedia(#[from] NotMedia),
+    /// A read failed (the file's I/O, or the storage under an object after its client's
+    /// retries): nothing was learned of the content, so another attempt may succeed.
+    #[error("cannot be read")]
+    Unreadable(#[source] std::io::Error),
 }
 
 /// Why a file is not acceptable media: a one-line reason for `bad_content`.
@@ -155,6 +175,21 @@ struct Budgeted<R> {
     inner: R,
     size: u64,
     left: u64,
+    /// Where a failed read of `inner` is kept: symphonia turns every I/O error into
+    /// its own verdict on the content, so the probe asks here whether it could read at all.
+    failed: ReadFailure,
+}
+
+impl<R> Budgeted<R> {
+    /// `inner` (`size` long) with [`READ_BUDGET`] to read, its read errors kept in `failed`.
+    fn new(inner: R, size: u64, failed: ReadFailure) -> Budgeted<R> {
+        Budgeted {
+            inner,
+            size,
+            left: READ_BUDGET,
+            failed,
+        }
+    }
 }
 
 impl<R: Read> Read for Budgeted<R> {
@@ -163,9 +198,36 @@ impl<R: Read> Read for Budgeted<R> {
             return Err(std::io::Error::other(BUDGET_SPENT));
         }
         let wanted = buffer.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
-        let read = self.inner.read(&mut buffer[..wanted])?;
+        let read = self.inner.read(&mut buffer[..wanted]).map_err(|error| {
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                error
+            } else {
+                self.failed.keep(error)
+            }
+        })?;
         self.left -= read as u64;
         Ok(read)
+    }
+}
+
+/// The first read error of a probe's reader (the reader itself goes to symphonia).
+#[derive(Debug, Clone, Default)]
+struct ReadFailure(Arc<Mutex<Option<std::io::Error>>>);
+
+impl ReadFailure {
+    /// Keeps `error` if it is the first; returns its like for the reader's caller.
+    fn keep(&self, error: std::io::Error) -> std::io::Error {
+        let like = std::io::Error::new(error.kind(), error.to_string());
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(error);
+        like
+    }
+
+    /// The error kept, if a read failed.
+    fn take(&self) -> Option<std::io::Error> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 }
 

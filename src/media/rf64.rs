@@ -1,5 +1,6 @@
 //! RF64 (WAV over 4 GiB): the sizes symphonia cannot read, patched in from the `ds64` chunk.
 
+use super::chunks::{self, Found};
 use std::io::{Read, Seek, SeekFrom};
 use symphonia::core::io::MediaSource;
 
@@ -20,11 +21,6 @@ impl Rf64 {
         if !(leading.starts_with(b"RF64") && leading.get(8..12) == Some(b"WAVE")) {
             return None;
         }
-        let u32_at = |at: usize| {
-            leading
-                .get(at..at + 4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        };
         let u64_at = |at: usize| {
             leading
                 .get(at..at + 8)
@@ -41,16 +37,12 @@ impl Rf64 {
                 .to_le_bytes()
         };
         let mut patches = vec![(0, *b"RIFF"), (4, capped(riff_size))];
-        // Walk the chunks to the `data` chunk's size field.
-        let mut at = 12_usize;
-        while let (Some(id), Some(size)) = (leading.get(at..at + 4), u32_at(at + 4)) {
-            if id == b"data" {
-                patches.push((at as u64 + 4, capped(data_size)));
-                return Some(Rf64 { data_size, patches });
-            }
-            at += 8 + size as usize + (size as usize & 1);
-        }
-        None
+        // The `data` chunk's size field.
+        let Found::At(data) = chunks::find(leading, b"data", false) else {
+            return None;
+        };
+        patches.push((data as u64 + 4, capped(data_size)));
+        Some(Rf64 { data_size, patches })
     }
 
     pub(super) fn as_wav<R: Read + Seek + Send + Sync>(&self, inner: R) -> Patched<R> {

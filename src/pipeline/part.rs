@@ -4,10 +4,10 @@
 use super::Pipeline;
 use super::cleanup::Cleanup;
 use crate::content::{self, ContentType, MediaClass};
-use crate::error::{Failure, Problem};
+use crate::error::{Failure, Problem, chain};
 use crate::event::{EventMedia, StoredObject};
 use crate::layout::{Date, Kind};
-use crate::media::{self, Media, Probed};
+use crate::media::{self, Media, ProbeError, Probed};
 use crate::message::AudioMessage;
 use crate::metrics::Metrics;
 use crate::source::{self, LocalContent, LocalFile, Source, SourceError};
@@ -349,7 +349,8 @@ enum ProbeInput {
 }
 
 /// Probes a file as its kind requires (see [`media::probe`]); what is not
-/// playable audio or a usable image is `bad_content` with the reason.
+/// playable audio or a usable image is `bad_content` with the reason, a
+/// failed read a transient failure.
 async fn probe(kind: Kind, source: &Source, input: ProbeInput, size: u64) -> Result<Probed<Media>, Failure> {
     let class = media_class(kind);
     let probed = tokio::task::spawn_blocking(move || match input {
@@ -363,7 +364,19 @@ async fn probe(kind: Kind, source: &Source, input: ProbeInput, size: u64) -> Res
             "{kind}: {source}: the probe failed: {error}"
         )))
     })?;
-    probed.map_err(|reason| Failure::from(Problem::NotMedia(format!("{kind}: {source} {reason}"))))
+    probed.map_err(|error| match error {
+        ProbeError::NotMedia(reason) => {
+            Failure::from(Problem::NotMedia(format!("{kind}: {source} {reason}")))
+        }
+        // Not the content's fault: the same kinds as any other failed read of a source.
+        ProbeError::Unreadable(error) => match source {
+            Source::Local(path) => unreadable(path, error),
+            Source::Gcs { .. } => Failure::from(Problem::ObjectUnreadable(format!(
+                "{kind}: {source} cannot be read for the probe: {}",
+                chain(&error)
+            ))),
+        },
+    })
 }
 
 /// Probes an opened local file: its bytes in memory, or a duplicate of its

@@ -129,7 +129,7 @@ pub enum Written {
 pub struct NewObject<'a> {
     /// The object name in the archive bucket.
     pub name: &'a str,
-    /// The sniffed content type.
+    /// The probed content type.
     pub content_type: &'a str,
     /// Custom metadata.
     pub metadata: &'a BTreeMap<String, String>,

@@ -193,6 +193,12 @@ impl GcsRest {
         }
     }
 
+    /// The names of the objects [`list`](GcsRest::list) finds, in name order.
+    pub async fn names(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+        let objects = self.list(bucket, prefix).await?;
+        Ok(objects.into_iter().map(|object| object.name).collect())
+    }
+
     /// The content of `bucket/name` (`alt=media`), in memory.
     pub async fn download(&self, bucket: &str, name: &str) -> Result<Vec<u8>> {
         let what = format!("downloading gs://{bucket}/{name}");

@@ -1,6 +1,7 @@
 //! How the archive is organised: names from producer metadata (`{meta.KEY}`)
 //! and the storage class of what is written.
 
+use crate::replay::{dead_letter, replay};
 use crate::support::{Worker, audio_id_for, next_event, settings};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
@@ -11,6 +12,11 @@ use testkit::media::{sample_png, sample_wav};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const BY_USER: &str = "users/{meta.user_id}/{yyyy}/{audio_id}/{kind}{ext}";
+
+/// The `{yyyy}` of a message published now.
+fn this_year() -> i16 {
+    jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).year()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layout_by_user_stores_under_the_users_prefix_and_recognises_a_redelivery_there()
@@ -32,15 +38,9 @@ async fn a_layout_by_user_stores_under_the_users_prefix_and_recognises_a_redeliv
         .await?;
     let summary = worker.stop().await?;
     ensure!(dead.is_empty(), "recognised after cleanup: {dead:?}");
-    let year = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).year();
+    let year = this_year();
     let prefix = format!("users/u123/{year}/{}", audio_id_for("by-user"));
-    let names: Vec<String> = env
-        .gcs
-        .list(&env.bucket, "")
-        .await?
-        .into_iter()
-        .map(|o| o.name)
-        .collect();
+    let names = env.gcs.names(&env.bucket, "").await?;
     assert_eq!(
         names,
         [format!("{prefix}/audio.wav"), format!("{prefix}/thumbnail.png")]
@@ -168,5 +168,35 @@ async fn a_configured_storage_class_is_the_class_of_uploads_is_asked_of_copies_a
         copied.as_str(),
         "the copy's class as the server reports it"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_replayed_after_its_file_is_restored_is_stored_under_the_users_prefix() -> anyhow::Result<()>
+{
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let worker = Worker::start(settings(&env, &[("AUDIO_STORE__STORAGE__LAYOUT", BY_USER)])?);
+    let data = json!({
+        "audio": env.spool_path("late.wav"),
+        "id": "replayed-by-user",
+        "metadata": {"user_id": "u123"},
+    });
+    dead_letter(&env, &worker, &[data]).await?;
+
+    env.spool_file("late.wav", &sample_wav(1_500));
+    let (code, stdout, stderr) = replay(&env, &[]).await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    ensure!(stdout.contains("moved 1, skipped 0, failed 0"), "{stdout}");
+    let event = next_event(&env).await?;
+    let summary = worker.stop().await?;
+    // The metadata travelled with the dead letter and back: the same name as a first delivery.
+    let year = this_year();
+    let name = format!("users/u123/{year}/{}/audio.wav", audio_id_for("replayed-by-user"));
+    let names = env.gcs.names(&env.bucket, "").await?;
+    assert_eq!(event["audio"]["name"], name.as_str());
+    assert_eq!(names, [name]);
+    assert_eq!(event["metadata"]["user_id"], "u123");
+    assert_eq!((summary.stored, summary.dead_lettered), (1, 1), "{summary:?}");
     Ok(())
 }

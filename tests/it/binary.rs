@@ -32,6 +32,10 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn check_config_exits_2_with_one_line_naming_the_bad_key() -> anyhow::Result<()> {
     let env = TestEnv::new();
+    let file_root = env
+        .spool_file("a-file-not-a-directory", b"x")
+        .display()
+        .to_string();
     let cases = [
         (
             "AUDIO_STORE__WORKER__CONCURRENCY",
@@ -63,6 +67,11 @@ async fn check_config_exits_2_with_one_line_naming_the_bad_key() -> anyhow::Resu
         (
             "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
             "/no/such/audio-store/spool",
+            "sources.local_roots[0]",
+        ),
+        (
+            "AUDIO_STORE__SOURCES__LOCAL_ROOTS",
+            file_root.as_str(),
             "sources.local_roots[0]",
         ),
         (
@@ -344,5 +353,47 @@ async fn setup_applies_the_bucket_policy_then_sends_nothing_and_patches_only_a_c
             .any(|l| l.starts_with("changed") && l.ends_with(": lifecycle rules")),
         "{out}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_on_an_existing_bucket_without_a_policy_patches_uniform_access_and_prevention_once()
+-> anyhow::Result<()> {
+    let env = TestEnv::new();
+    // A bucket made before setup applied a policy: created directly, not through the proxy.
+    env.gcs.create_bucket(&env.bucket).await?;
+    let proxy = testkit::FaultProxy::start(&env.gcs_endpoint)?;
+    proxy.keep_bucket_policies();
+    proxy.record("PATCH /storage/v1/b/");
+    let environment = environment(&env, &[("STORAGE_EMULATOR_HOST", &proxy.endpoint())]);
+
+    let setup = run(&environment, &["setup"]).await?;
+    assert_eq!(setup.status.code(), Some(0), "{}", text(&setup.stderr));
+    let recorded = proxy.take_recorded();
+    ensure!(recorded.len() == 1, "one patch: {recorded:?}");
+    assert_eq!(recorded[0].path, format!("/storage/v1/b/{}", env.bucket));
+    let sent = &recorded[0].body;
+    assert_eq!(
+        sent["iamConfiguration"]["uniformBucketLevelAccess"]["enabled"], true,
+        "{sent}"
+    );
+    assert_eq!(
+        sent["iamConfiguration"]["publicAccessPrevention"], "enforced",
+        "{sent}"
+    );
+    ensure!(sent.get("lifecycle").is_none(), "no rules, none sent: {sent}");
+    let out = text(&setup.stdout);
+    ensure!(
+        out.lines().any(|line| line.starts_with("changed")
+            && line.contains(&env.bucket)
+            && line.ends_with(": uniform bucket-level access, public access prevention")),
+        "{out}"
+    );
+
+    // Applied: the next setup finds the policy in place and sends nothing.
+    let again = run(&environment, &["setup"]).await?;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    let recorded = proxy.take_recorded();
+    ensure!(recorded.is_empty(), "nothing more to patch: {recorded:?}");
     Ok(())
 }

@@ -7,7 +7,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use testkit::FaultProxy;
-use testkit::media::{sample_png, sample_wav, write_wav};
+use testkit::media::{self, sample_png, sample_wav, write_wav};
 use testkit::{FakeGcs, TestEnv, crc32c_base64, crc32c_file};
 
 /// Retries generous enough to ride out the injected faults in process.
@@ -237,5 +237,53 @@ async fn a_soak_with_random_storage_faults_keeps_every_invariant() -> anyhow::Re
         "faults were injected: {stats:?}"
     );
     ensure!(summary.dead_lettered == 0, "{summary:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_file_whose_reads_fail_during_the_probe_is_retried_and_stored_not_dead_lettered()
+-> anyhow::Result<()> {
+    let gcs = FakeGcs::start_memory()?;
+    let proxy = FaultProxy::start(&gcs.endpoint())?;
+    let env = TestEnv::with_gcs(&gcs.endpoint());
+    env.create_resources().await?;
+    let wav = media::fixture("wav-16bit.wav");
+    env.gcs.upload(&env.staging_bucket, "incoming/take", &wav).await?;
+    let source = format!("gs://{}/incoming/take", env.staging_bucket);
+    env.pubsub
+        .publish_json(&env.topic, &json!({"audio": source, "id": "flaky-read"}), &[])
+        .await?;
+    // Twice the storage client's three attempts at one read: the probe's first two tries
+    // fail on reads, which say nothing of the content.
+    proxy.fail_matching("alt=media", 6, 503);
+
+    let mut overrides = PATIENT.to_vec();
+    let endpoint = proxy.endpoint();
+    overrides.push(("STORAGE_EMULATOR_HOST", &endpoint));
+    let worker = Worker::start(settings(&env, &overrides)?);
+    let events = env
+        .pubsub
+        .collect(&env.stored_subscription, 1, Duration::from_secs(120))
+        .await?;
+    let dead = env
+        .pubsub
+        .drain_for(&env.dead_letter_subscription, Duration::from_millis(500))
+        .await?;
+    let summary = worker.stop().await?;
+    ensure!(
+        dead.is_empty(),
+        "dead-lettered: {:?}",
+        dead.iter().map(|m| m.attribute("error")).collect::<Vec<_>>()
+    );
+    ensure!(events.len() == 1, "{} events, {summary:?}", events.len());
+    ensure!(
+        proxy.stats().failed >= 6,
+        "the faults were injected: {:?}",
+        proxy.stats()
+    );
+    ensure!((summary.stored, summary.dead_lettered) == (1, 0), "{summary:?}");
+    let name = format!("audio/{}/audio.wav", audio_id_for("flaky-read"));
+    let stored = env.gcs.object(&env.bucket, &name).await?.context("stored")?;
+    assert_eq!(stored.crc32c, crc32c_base64(&wav));
     Ok(())
 }

@@ -35,23 +35,33 @@ pub(crate) async fn replay(env: &TestEnv, args: &[&str]) -> anyhow::Result<(Opti
     ))
 }
 
-/// Publishes `count` messages whose audio file is missing and waits until the worker dead-lettered them.
+/// Publishes one message for each name, whose audio file (in the spool) is missing, and
+/// waits until the worker dead-lettered them; returns their message ids.
 pub(crate) async fn dead_letter_missing_files(
     env: &TestEnv,
     worker: &Worker,
     names: &[&str],
 ) -> anyhow::Result<Vec<String>> {
+    let messages: Vec<serde_json::Value> = names
+        .iter()
+        .map(|name| json!({"audio": env.spool_path(name)}))
+        .collect();
+    dead_letter(env, worker, &messages).await
+}
+
+/// Publishes `messages` (whose files are missing) and waits until the worker dead-lettered
+/// them all; returns their message ids.
+pub(crate) async fn dead_letter(
+    env: &TestEnv,
+    worker: &Worker,
+    messages: &[serde_json::Value],
+) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::new();
-    for name in names {
-        let path = env.spool_path(name);
-        ids.push(
-            env.pubsub
-                .publish_json(&env.topic, &json!({"audio": path}), &[])
-                .await?,
-        );
+    for data in messages {
+        ids.push(env.pubsub.publish_json(&env.topic, data, &[]).await?);
     }
     let metrics = worker.health.metrics.clone();
-    let wanted = names.len() as u64;
+    let wanted = messages.len() as u64;
     wait_for("dead letters", TIMEOUT, || async {
         Ok((metrics.messages("dead_lettered") >= wanted).then_some(()))
     })

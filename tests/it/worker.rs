@@ -118,7 +118,7 @@ async fn a_pair_is_stored_with_its_metadata_the_event_is_published_and_the_sourc
         assert_eq!(described["bucket"], env.bucket);
         assert_eq!(described["name"], name.as_str());
         assert_eq!(described["size"], bytes.len());
-        assert_eq!(described["content_type"], content_type, "the sniffed type");
+        assert_eq!(described["content_type"], content_type, "the probed type");
         assert_eq!(described["crc32c"], crc32c_base64(bytes));
         assert_eq!(described["crc32c"], stored.crc32c);
         assert_eq!(described["generation"], stored.generation);
@@ -226,7 +226,7 @@ async fn a_staging_source_is_copied_into_the_archive_and_removed_from_staging() 
     let event = event_json(&events[0])?;
 
     let audio_id = audio_id_for("staged-1");
-    // The extension is the source's, lowercased; without one it comes from the sniffed type.
+    // The extension is the canonical one of the probed content, whatever the source's name.
     let audio_name = format!("audio/{audio_id}/audio.wav");
     let cover_name = format!("audio/{audio_id}/thumbnail.png");
     assert_eq!(env.gcs.download(&env.bucket, &audio_name).await?, audio_bytes);
