@@ -284,3 +284,43 @@ fn an_image_wider_or_taller_than_the_bound_is_rejected_naming_it() {
     let probed = with_side(16, bound).expect("at the bound");
     assert_eq!((probed.media.width, probed.media.height), (bound, 30));
 }
+
+/// A reader that counts the bytes read through it.
+struct Counting {
+    bytes: std::io::Cursor<Vec<u8>>,
+    read: Arc<Mutex<u64>>,
+}
+
+impl Read for Counting {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.bytes.read(buffer)?;
+        *self.read.lock().expect("not poisoned") += read as u64;
+        Ok(read)
+    }
+}
+
+impl Seek for Counting {
+    fn seek(&mut self, position: SeekFrom) -> std::io::Result<u64> {
+        self.bytes.seek(position)
+    }
+}
+
+#[test]
+fn the_probe_reads_at_most_its_budget_of_a_large_file_good_or_bad() {
+    const LARGE: usize = 16 * 1024 * 1024;
+    // A 16 MiB WAV (the fixture's samples repeated) and 16 MiB that no demuxer recognises: four budgets.
+    let wav = testkit::media::sample_wav(LARGE / 2);
+    let junk: Vec<u8> = b"JUNKDATA".iter().copied().cycle().take(LARGE).collect();
+    for (name, bytes, playable) in [("long wav", wav, true), ("junk", junk, false)] {
+        let read = Arc::new(Mutex::new(0));
+        let size = bytes.len() as u64;
+        let counting = Counting {
+            bytes: std::io::Cursor::new(bytes),
+            read: Arc::clone(&read),
+        };
+        let probed = probe(MediaClass::Audio, counting, size);
+        assert_eq!(probed.is_ok(), playable, "{name}: {probed:?}");
+        let read = *read.lock().expect("not poisoned");
+        assert!(read <= READ_BUDGET, "{name}: read {read} bytes of {size}");
+    }
+}
