@@ -352,6 +352,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_copy_of_a_message_whose_100_attributes_all_start_with_googclient_still_fits() {
+        // Only the two trace-context attributes are the client libraries'; other
+        // `googclient_` names are the producer's and may go like any other.
+        let mut producer: HashMap<String, String> = (0..98)
+            .map(|index| (format!("googclient_x{index:03}"), "v".to_string()))
+            .collect();
+        producer.insert("googclient_traceparent".into(), "kept".into());
+        producer.insert("googclient_tracestate".into(), "kept".into());
+        let envelope = Envelope {
+            message_id: "7".into(),
+            publish_time: Some(jiff::Timestamp::UNIX_EPOCH),
+            attributes: producer,
+            ..Envelope::default()
+        };
+        let attributes = attributes(&copy(&envelope, "invalid_json", "not JSON"));
+        assert_eq!(attributes.len(), MAX_ATTRIBUTES, "{attributes:?}");
+        assert_eq!(attributes[ATTRIBUTES_DROPPED], "5");
+        assert!(attributes.contains_key("googclient_traceparent"));
+        assert!(attributes.contains_key("googclient_tracestate"));
+        assert!(attributes.contains_key("googclient_x092") && !attributes.contains_key("googclient_x093"));
+    }
+
+    #[test]
     fn a_copy_that_fits_100_attributes_loses_none() {
         let envelope = Envelope {
             message_id: "7".into(),
