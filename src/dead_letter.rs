@@ -13,8 +13,9 @@
 //!
 //! Pub/Sub also refuses a message with more than 100 attributes. A copy, and a
 //! replayed message, that would have more loses producer attributes until it
-//! fits: never one that the worker or replay sets, nor `idempotency_key`, a
-//! `googclient_*` trace attribute or one of Pub/Sub's own dead-letter ones.
+//! fits: never one that the worker or replay sets, nor `idempotency_key`,
+//! `googclient_traceparent` and `googclient_tracestate` (the trace context)
+//! or one of Pub/Sub's own dead-letter ones.
 //! The others go in reverse order of their names (the last by byte order
 //! first), so every delivery of one message loses the same ones, and
 //! `attributes_dropped` says how many were lost in all.
@@ -40,9 +41,13 @@ pub const PUBSUB_PREFIX: &str = "CloudPubSubDeadLetterSource";
 pub const PUBSUB_PUBLISH_TIME: &str = "CloudPubSubDeadLetterSourceTopicPublishTime";
 /// The producer's idempotency key (identity when the data has no `id`).
 pub const IDEMPOTENCY_KEY: &str = "idempotency_key";
-/// Prefix of the trace-context attributes of the Pub/Sub client libraries
-/// (`googclient_traceparent`, `googclient_tracestate`).
-pub const TRACE_PREFIX: &str = "googclient_";
+/// The trace-context attributes of the Pub/Sub client libraries. Only these
+/// two: any other `googclient_` name is the producer's, and a prefix would let
+/// a producer's attributes push a copy over Pub/Sub's limit.
+pub const TRACE_ATTRIBUTES: [&str; 2] = [
+    crate::trace_context::TRACEPARENT,
+    crate::trace_context::TRACESTATE,
+];
 
 /// Whether Pub/Sub itself dead-lettered the message (after too many deliveries).
 pub fn by_pubsub(attributes: &HashMap<String, String>) -> bool {
@@ -124,7 +129,7 @@ fn is_never_dropped(key: &str) -> bool {
         IDEMPOTENCY_KEY,
     ]
     .contains(&key)
-        || key.starts_with(TRACE_PREFIX)
+        || TRACE_ATTRIBUTES.contains(&key)
         || key.starts_with(PUBSUB_PREFIX)
 }
 
