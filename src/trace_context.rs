@@ -175,6 +175,37 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_googclient_traceparent_does_not_hide_a_valid_plain_one() {
+        let plain = "00-11111111111111111111111111111111-2222222222222222-01";
+        let input = attributes(&[
+            (TRACEPARENT, &traceparent("01").to_uppercase()),
+            ("traceparent", plain),
+            ("tracestate", "plain=1"),
+        ]);
+        let propagated = continue_in(&tracing::Span::none(), incoming(&input));
+        assert_eq!(
+            sent(&propagated),
+            attributes(&[(TRACEPARENT, plain), (TRACESTATE, "plain=1")])
+        );
+    }
+
+    #[test]
+    fn the_worker_span_on_a_copy_replaces_a_trace_state_that_it_does_not_send_on() {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let input = attributes(&[(TRACEPARENT, &traceparent("01")), (TRACESTATE, "a=b=c")]);
+            let span = tracing::info_span!("message");
+            let propagated = continue_in(&span, incoming(&input));
+            assert!(propagated.own_span);
+            let mut copy = input.clone();
+            propagated.apply(&mut copy);
+            assert_eq!(copy, sent(&propagated), "the worker's context alone");
+        });
+    }
+
+    #[test]
     fn a_malformed_or_missing_context_sends_nothing() {
         for input in [
             attributes(&[]),
