@@ -29,14 +29,21 @@ pub const TRACESTATE: &str = "googclient_tracestate";
 /// The trace context a message arrived with.
 ///
 /// Attributes with the `googclient_` prefix win; the plain W3C names are read
-/// only when there is no `googclient_traceparent`, so the two are never mixed.
+/// only when there is no valid `googclient_traceparent` (a malformed one does
+/// not hide a valid `traceparent`), and the two are never mixed.
 pub fn incoming(attributes: &HashMap<String, String>) -> opentelemetry::Context {
-    let prefix = if attributes.contains_key(TRACEPARENT) {
-        PUBSUB_PREFIX
-    } else {
-        ""
-    };
-    TraceContextPropagator::new().extract(&Attributes { attributes, prefix })
+    let propagator = TraceContextPropagator::new();
+    let googclient = propagator.extract(&Attributes {
+        attributes,
+        prefix: PUBSUB_PREFIX,
+    });
+    if googclient.span().span_context().is_valid() {
+        return googclient;
+    }
+    propagator.extract(&Attributes {
+        attributes,
+        prefix: "",
+    })
 }
 
 /// Makes `span` (not yet entered) a child of `parent` and returns the trace
@@ -73,7 +80,12 @@ pub struct Propagated {
 
 impl Propagated {
     /// Sets the trace attributes on `attributes`, replacing any that came in.
+    /// The worker's own context replaces both: a `googclient_tracestate` it
+    /// does not send on (malformed, too long) does not stay beside its span.
     pub fn apply(&self, attributes: &mut HashMap<String, String>) {
+        if self.own_span {
+            attributes.remove(TRACESTATE);
+        }
         for (key, value) in &self.attributes {
             attributes.insert(key.clone(), value.clone());
         }
