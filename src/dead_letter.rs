@@ -39,6 +39,16 @@ pub const REPLAY_COUNT: &str = "replay_count";
 pub const PUBSUB_PREFIX: &str = "CloudPubSubDeadLetterSource";
 /// Pub/Sub's own dead-lettering: the original publish time.
 pub const PUBSUB_PUBLISH_TIME: &str = "CloudPubSubDeadLetterSourceTopicPublishTime";
+/// Every attribute Pub/Sub's own dead-lettering adds (its documented names: a
+/// prefix would let a producer's `CloudPubSubDeadLetterSource…` attributes
+/// push a copy over the attribute limit).
+const PUBSUB_OWN: [&str; 5] = [
+    "CloudPubSubDeadLetterSourceDeliveryCount",
+    "CloudPubSubDeadLetterSourceDeliveryErrorMessage",
+    "CloudPubSubDeadLetterSourceSubscription",
+    "CloudPubSubDeadLetterSourceSubscriptionProject",
+    PUBSUB_PUBLISH_TIME,
+];
 /// The producer's idempotency key (identity when the data has no `id`).
 pub const IDEMPOTENCY_KEY: &str = "idempotency_key";
 /// The trace-context attributes of the Pub/Sub client libraries. Only these
@@ -130,7 +140,7 @@ fn is_never_dropped(key: &str) -> bool {
     ]
     .contains(&key)
         || TRACE_ATTRIBUTES.contains(&key)
-        || key.starts_with(PUBSUB_PREFIX)
+        || PUBSUB_OWN.contains(&key)
 }
 
 /// Drops producer attributes, the last by name first, until `attributes` fits
@@ -377,6 +387,22 @@ pub(crate) mod tests {
         assert!(attributes.contains_key("googclient_traceparent"));
         assert!(attributes.contains_key("googclient_tracestate"));
         assert!(attributes.contains_key("googclient_x092") && !attributes.contains_key("googclient_x093"));
+    }
+
+    #[test]
+    fn producer_attributes_named_like_pubsubs_own_cannot_push_a_copy_over_100() {
+        let mut producer: HashMap<String, String> = (0..99)
+            .map(|index| (format!("{PUBSUB_PREFIX}X{index:03}"), "v".to_string()))
+            .collect();
+        producer.insert(PUBSUB_PUBLISH_TIME.into(), "2025-01-02T03:04:05Z".into());
+        let envelope = Envelope {
+            message_id: "7".into(),
+            attributes: producer,
+            ..Envelope::default()
+        };
+        let attributes = attributes(&copy(&envelope, "invalid_json", "not JSON"));
+        assert_eq!(attributes.len(), MAX_ATTRIBUTES, "{attributes:?}");
+        assert_eq!(attributes[PUBSUB_PUBLISH_TIME], "2025-01-02T03:04:05Z");
     }
 
     #[test]

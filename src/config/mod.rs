@@ -100,12 +100,13 @@ impl Endpoint {
             format!("http://{value}")
         };
         let url = url.trim_end_matches('/').to_string();
+        let shown = validate::without_credentials(&url);
         let parsed = reqwest::Url::parse(&url)
-            .map_err(|error| ConfigError::new(&key, format!("not a URL ({error}): {url:?}")))?;
+            .map_err(|error| ConfigError::new(&key, format!("not a URL ({error}): {shown:?}")))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
             return Err(ConfigError::new(
                 &key,
-                format!("expected http://host[:port] or https://host[:port], got {url:?}"),
+                format!("expected http://host[:port] or https://host[:port], got {shown:?}"),
             ));
         }
         let emulator = parsed.scheme() == "http" || key.ends_with("_EMULATOR_HOST");

@@ -278,19 +278,39 @@ fn otlp_traces(key: &str, endpoint: &str) -> Result<Option<reqwest::Url>, Config
     if endpoint.is_empty() {
         return Ok(None);
     }
+    let shown = without_credentials(endpoint);
     let mut url = reqwest::Url::parse(endpoint)
-        .map_err(|error| ConfigError::new(key, format!("not a URL ({error}): {endpoint:?}")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() || url.query().is_some() {
+        .map_err(|error| ConfigError::new(key, format!("not a URL ({error}): {shown:?}")))?;
+    if !matches!(url.scheme(), "http" | "https")
+        || url.host_str().is_none()
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
         return Err(ConfigError::new(
             key,
-            format!("expected http(s)://host[:port][/path] of an OTLP/HTTP collector, got {endpoint:?}"),
+            format!("expected http(s)://host[:port][/path] of an OTLP/HTTP collector, got {shown:?}"),
         ));
     }
-    if !url.path().ends_with("/v1/traces") {
-        let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
+    let path = url.path().trim_end_matches('/').to_string();
+    if path.ends_with("/v1/traces") {
         url.set_path(&path);
+    } else {
+        url.set_path(&format!("{path}/v1/traces"));
     }
     Ok(Some(url))
+}
+
+/// `url` as an error may show it: anything before an `@` in its authority
+/// (a user name and password) replaced by `REDACTED`, even when it does not parse.
+pub(super) fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://REDACTED{}", &rest[at..]),
+        None => url.to_string(),
+    }
 }
 
 /// A probability: finite, from 0.0 to 1.0.

@@ -7,9 +7,32 @@ use serde_json::{Map, Value};
 use std::fmt;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{FilterExt as _, filter_fn};
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields};
+use tracing_subscriber::layer::Filter;
 use tracing_subscriber::registry::LookupSpan;
+
+/// What the log lines show: the events `directives` (a validated filter) and
+/// [`super::QUIET_TARGETS`] let through, inside every span of the worker
+/// whatever the level, so that a WARN line of a message still says which
+/// message it is and which trace it belongs to (with `log.level = "warn"` the
+/// INFO message span would otherwise be gone from it).
+pub(super) fn filter<S: Subscriber + for<'a> LookupSpan<'a>>(directives: &str) -> impl Filter<S> + use<S> {
+    let mut filter = EnvFilter::new(directives);
+    for directive in super::QUIET_TARGETS {
+        filter = filter.add_directive(directive.parse().expect("a valid directive"));
+    }
+    // Decided once per callsite (from static metadata), so it costs nothing per event.
+    let worker_spans = filter_fn(|metadata| {
+        metadata.is_span()
+            && *metadata.level() <= tracing::Level::INFO
+            && metadata.target().starts_with("audio_store")
+    })
+    .with_max_level_hint(tracing::Level::INFO);
+    filter.or(worker_spans)
+}
 
 /// The trace of a span's logs, kept in the span's extensions.
 #[derive(Debug, Clone)]
@@ -165,16 +188,22 @@ mod tests {
     }
 
     fn logged(project: &str, body: impl FnOnce()) -> Vec<Value> {
+        logged_at("trace", project, body)
+    }
+
+    fn logged_at(directives: &str, project: &str, body: impl FnOnce()) -> Vec<Value> {
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
         let lines = Lines::default();
         let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
+        let layer = tracing_subscriber::fmt::layer()
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines {
                 project: project.into(),
             })
             .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, body);
+            .with_filter(filter(directives));
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), body);
         let text = String::from_utf8(lines.0.lock().expect("not poisoned").clone()).expect("UTF-8");
         text.lines()
             .map(|line| serde_json::from_str(line).expect("a JSON line"))
@@ -217,6 +246,21 @@ mod tests {
         );
         assert_eq!(line["logging.googleapis.com/spanId"], "00f067aa0ba902b7");
         assert_eq!(line["logging.googleapis.com/trace_sampled"], true);
+    }
+
+    #[test]
+    fn at_level_warn_a_warning_still_names_its_message_and_trace() {
+        let lines = logged_at("warn", "demo", || {
+            let message = tracing::info_span!("message", message_id = "m-2");
+            link(&message, &context(), true);
+            let _message = message.enter();
+            tracing::info!("not shown");
+            tracing::warn!("dead-lettered");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["message"], "dead-lettered");
+        assert_eq!(lines[0]["span"]["message_id"], "m-2");
+        assert_eq!(lines[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 
     #[test]

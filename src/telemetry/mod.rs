@@ -15,16 +15,16 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanExporter as _};
 use tracing::Level;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// Targets kept quiet whatever `log.level` says: the SDKs' request logging can
 /// carry request bodies (file contents, credentials), and the transport
 /// crates' debug output is noise.
-const QUIET_TARGETS: [&str; 10] = [
+pub(crate) const QUIET_TARGETS: [&str; 10] = [
     "experimental.client.request=off",
     "experimental.transport.request=off",
     "google_cloud_gax_internal=info",
@@ -65,10 +65,6 @@ pub fn init(settings: &Settings) -> Result<Telemetry, ConfigError> {
         .ok()
         .filter(|text| !text.is_empty())
         .unwrap_or_else(|| log.level.clone());
-    let mut filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new(&log.level));
-    for directive in QUIET_TARGETS {
-        filter = filter.add_directive(directive.parse().expect("a valid directive"));
-    }
     let lines = match log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .fmt_fields(JsonFields::new())
@@ -82,7 +78,7 @@ pub fn init(settings: &Settings) -> Result<Telemetry, ConfigError> {
             .with_writer(std::io::stderr)
             .boxed(),
     }
-    .with_filter(filter);
+    .with_filter(logs::filter(&directives));
     let (spans, export) = match &settings.telemetry.otlp_traces {
         None => (None, None),
         Some(url) => {
