@@ -20,6 +20,13 @@ fn short(name: &str) -> &str {
     name.rsplit('/').next().unwrap_or(name)
 }
 
+/// The messaging attributes every Pub/Sub span has.
+fn messaging(span: &Span, operation_type: &'static str, operation_name: &'static str) {
+    span.set_attribute("messaging.system", SYSTEM);
+    span.set_attribute("messaging.operation.type", operation_type);
+    span.set_attribute("messaging.operation.name", operation_name);
+}
+
 /// The span of one delivered message.
 pub(super) fn message(envelope: &Envelope, project: &str, subscription: &str) -> Span {
     let subscription = short(subscription);
@@ -31,9 +38,7 @@ pub(super) fn message(envelope: &Envelope, project: &str, subscription: &str) ->
         otel.name = format!("process {subscription}"),
         otel.kind = "consumer",
     );
-    span.set_attribute("messaging.system", SYSTEM);
-    span.set_attribute("messaging.operation.type", "process");
-    span.set_attribute("messaging.operation.name", "process");
+    messaging(&span, "process", "process");
     span.set_attribute("messaging.destination.name", subscription.to_string());
     span.set_attribute(
         "messaging.destination.subscription.name",
@@ -79,9 +84,7 @@ pub(super) fn send(topic: &str) -> Span {
         otel.name = format!("send {topic}"),
         otel.kind = "producer"
     );
-    span.set_attribute("messaging.system", SYSTEM);
-    span.set_attribute("messaging.operation.type", "send");
-    span.set_attribute("messaging.operation.name", "send");
+    messaging(&span, "send", "send");
     span.set_attribute("messaging.destination.name", topic.to_string());
     span
 }
@@ -94,9 +97,7 @@ pub(super) fn ack(subscription: &str) -> Span {
         otel.name = format!("ack {subscription}"),
         otel.kind = "client"
     );
-    span.set_attribute("messaging.system", SYSTEM);
-    span.set_attribute("messaging.operation.type", "settle");
-    span.set_attribute("messaging.operation.name", "ack");
+    messaging(&span, "settle", "ack");
     span.set_attribute(
         "messaging.destination.subscription.name",
         subscription.to_string(),
