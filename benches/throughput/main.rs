@@ -35,13 +35,15 @@
 //! all). Environment: `BENCH_CONCURRENCY` (32), `BENCH_SMALL_MESSAGES` (500),
 //! `BENCH_LARGE_MESSAGES` (8), `BENCH_LARGE_MIB` (64), `BENCH_HUGE_MIB`
 //! (1024), `BENCH_ROUNDS` (5; medians are reported), `BENCH_WARMUP` (1; 0
-//! skips the uncounted first round of the small scenario), `AUDIO_STORE_BIN` (the
-//! worker binary; default `target/release/audio-store`, which must not be older
-//! than `src/`).
+//! skips the uncounted first round of the small scenario), `BENCH_OTLP` (0; 1
+//! runs the worker with span export to an OTLP/HTTP receiver in this process,
+//! see `spans.rs`), `AUDIO_STORE_BIN` (the worker binary; default
+//! `target/release/audio-store`, which must not be older than `src/`).
 
 mod params;
 mod report;
 mod scenarios;
+mod spans;
 mod system;
 mod traffic;
 

@@ -13,6 +13,9 @@ pub struct Params {
     pub rounds: usize,
     /// Whether the small scenario runs one uncounted round first (`BENCH_WARMUP=0` skips it).
     pub warmup: bool,
+    /// Whether the worker exports its spans to an OTLP/HTTP receiver in this process
+    /// (`BENCH_OTLP=1`; off by default, as in production without `telemetry.otlp_endpoint`).
+    pub otlp: bool,
 }
 
 impl Params {
@@ -35,6 +38,11 @@ impl Params {
             huge_size: number("BENCH_HUGE_MIB", 1024)? * MIB,
             rounds: number("BENCH_ROUNDS", 5)? as usize,
             warmup: std::env::var("BENCH_WARMUP").map_or(true, |value| value != "0"),
+            otlp: match std::env::var("BENCH_OTLP").as_deref() {
+                Err(_) | Ok("" | "0") => false,
+                Ok("1") => true,
+                Ok(other) => bail!("BENCH_OTLP={other:?}: expected 1 (span export on) or 0"),
+            },
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Results: runs, rounds, scenarios and the markdown tables.
 
 use crate::params::Params;
+use crate::spans::{self, Spans};
 use crate::system::Cpu;
 use crate::{IDLE_SETTLE, KIB, MIB};
 use std::fmt::Write as _;
@@ -24,6 +25,8 @@ pub struct Run {
     /// CPU while the worker sat idle for [`IDLE_SETTLE`] before the messages.
     pub idle_cpu: Option<Cpu>,
     pub warnings: usize,
+    /// With `BENCH_OTLP=1`, what the worker exported.
+    pub spans: Option<Spans>,
 }
 
 impl Run {
@@ -59,6 +62,13 @@ impl Run {
         }
         if self.warnings > 0 {
             let _ = write!(line, "  {} log line(s) at warn or above", self.warnings);
+        }
+        if let Some(spans) = self.spans {
+            let _ = write!(
+                line,
+                "  {} spans received, {} dropped, worker CPU after the last event {:.3} s",
+                spans.received, spans.dropped, spans.tail_cpu
+            );
         }
         line
     }
@@ -216,6 +226,7 @@ impl Report {
              round runs its ceilings and the worker back to back on the same files).\n",
             params.concurrency, params.rounds
         );
+        let _ = writeln!(out, "{}\n", spans::summary(params.otlp, &self.scenarios));
         let _ = writeln!(
             out,
             "| measurement | worker | ceiling | worker / ceiling | target | |"
@@ -291,6 +302,31 @@ impl Report {
                 peaks.join(", ")
             );
         }
+        let worker_cpu: Vec<String> = self
+            .scenarios
+            .iter()
+            .filter(|s| !s.rounds.is_empty())
+            .map(|s| {
+                let cpu: f64 = s.rounds.iter().map(|r| r.worker.cpu.worker).sum();
+                let runs = s.rounds.len() as f64;
+                match s.kind {
+                    Kind::Small => format!(
+                        "small {:.3} ms per message",
+                        cpu * 1000.0 / (runs * s.messages as f64)
+                    ),
+                    Kind::Large | Kind::Huge => format!(
+                        "{} {:.2} s per GiB",
+                        s.kind.name(),
+                        cpu / (runs * s.bytes as f64 / (1024.0 * MIB as f64))
+                    ),
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nWorker CPU in the timed window, over all counted rounds: {}.",
+            worker_cpu.join(", ")
+        );
         if let Some(small) = self.scenarios.iter().find(|s| s.kind == Kind::Small) {
             let lookup = small.median_rate(|r| r.gcs_lookup.as_ref());
             let gcs = small.median_rate(|r| Some(&r.gcs));

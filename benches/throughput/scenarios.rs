@@ -2,6 +2,7 @@
 
 use crate::params::Params;
 use crate::report::{Kind, Report, Round, Run, Scenario};
+use crate::spans;
 use crate::system::{CpuWatch, proc_status_kib, sync_files};
 use crate::traffic::{Events, Part, event_like, publish_inputs};
 use crate::{IDLE_SETTLE, MIB, SMALL_AUDIO, SMALL_THUMBNAIL};
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::media::{sample_png, sample_wav, wav_header_len, write_wav};
-use testkit::{FakeGcs, TestEnv, WorkerProcess};
+use testkit::{FakeGcs, OtlpReceiver, TestEnv, WorkerProcess};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -325,7 +326,15 @@ impl Bench {
         let events = Events::start(&setup, inputs.len()).await?;
         let log =
             testkit::process::log_dir().join(format!("worker-{}-{}.log", label.replace(' ', "-"), env.id));
-        let mut worker = WorkerProcess::spawn(&self.binary, &setup.environment, &log)?;
+        let receiver = match self.params.otlp {
+            true => Some(OtlpReceiver::start().await?),
+            false => None,
+        };
+        let mut environment = setup.environment.clone();
+        if let Some(receiver) = &receiver {
+            environment.insert(spans::ENDPOINT_VARIABLE.into(), receiver.endpoint());
+        }
+        let mut worker = WorkerProcess::spawn(&self.binary, &environment, &log)?;
         let pid = worker.child.id().context("the worker has no pid")?;
         let watch = CpuWatch::new(Some(pid), Some(&gcs.endpoint()), &self.pubsub_endpoint);
         // Idle: the worker is ready and has sat idle before the clock starts.
@@ -350,7 +359,8 @@ impl Bench {
             }
         };
         let done = events.wait(Some(&mut worker)).await;
-        let cpu = watch.sample().since(&before);
+        let at_done = watch.sample();
+        let cpu = at_done.since(&before);
         let done = diagnose(done, env, &worker).await?;
         let mut run = Run::new(label, done - started, cpu);
         run.ready = Some(ready);
@@ -387,6 +397,9 @@ impl Bench {
             "{label}: {} objects in the bucket, expected {expected}",
             objects.len()
         );
+        if let Some(receiver) = &receiver {
+            run.spans = Some(spans::settle(receiver, &worker, &watch, &at_done).await?);
+        }
         // SIGTERM and exit 0; the log lines (warnings and errors) are counted.
         worker.signal("-TERM").await?;
         let code = worker.exit_code(Duration::from_secs(30)).await?;
