@@ -64,16 +64,14 @@ pub fn by_pubsub(attributes: &HashMap<String, String>) -> bool {
     attributes.keys().any(|key| key.starts_with(PUBSUB_PREFIX))
 }
 
-/// Pub/Sub's limit on one attribute value, in bytes.
-pub const MAX_ATTRIBUTE_BYTES: usize = 1024;
+pub use crate::envelope::MAX_ATTRIBUTE_BYTES;
 /// The largest copy published with its data: Pub/Sub's 10 MB (10,000,000
 /// bytes) message limit, less 64 KiB of headroom for the publish request's
 /// own framing.
 pub const MAX_COPY_BYTES: usize = 10_000_000 - 64 * 1024;
 /// Set on a copy published without its data: the data's size in bytes.
 pub const DATA_DROPPED_BYTES: &str = "data_dropped_bytes";
-/// Pub/Sub's limit on the number of attributes of one message.
-pub const MAX_ATTRIBUTES: usize = 100;
+pub use crate::envelope::MAX_ATTRIBUTES;
 /// Set on a copy or a replayed message that lost producer attributes to fit
 /// [`MAX_ATTRIBUTES`]: how many it lost, counting earlier copies and replays.
 pub const ATTRIBUTES_DROPPED: &str = "attributes_dropped";

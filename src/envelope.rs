@@ -1,7 +1,12 @@
-//! The envelope: a message as Pub/Sub delivered it, free of SDK types (a leaf:
+//! The envelope: a message as Pub/Sub delivered it, free of SDK types, and Pub/Sub's limits on one (a leaf:
 //! the Pub/Sub module builds it, the message, dead-letter and replay modules read it).
 
 use std::collections::HashMap;
+
+/// Pub/Sub's limit on one attribute value, in bytes (the emulator does not enforce it).
+pub const MAX_ATTRIBUTE_BYTES: usize = 1024;
+/// Pub/Sub's limit on the number of attributes of one message (the emulator does not enforce it).
+pub const MAX_ATTRIBUTES: usize = 100;
 
 /// A message as Pub/Sub delivered it, free of SDK types.
 #[derive(Debug, Clone, Default)]

@@ -122,7 +122,7 @@ struct Outgoing {
 impl Injector for Outgoing {
     fn set(&mut self, key: &str, value: String) {
         // A trace state over Pub/Sub's attribute limit is not sent: the trace goes on without it.
-        if !value.is_empty() && value.len() <= crate::dead_letter::MAX_ATTRIBUTE_BYTES {
+        if !value.is_empty() && value.len() <= crate::envelope::MAX_ATTRIBUTE_BYTES {
             self.attributes.push((format!("{PUBSUB_PREFIX}{key}"), value));
         }
     }

@@ -10,6 +10,7 @@
 //! (the `AUDIO_STORE__SECTION__KEY` overlay), `validate.rs` (raw to
 //! [`Settings`], every check), `effective.rs` (what `check-config` prints).
 
+mod checks;
 mod effective;
 mod environment;
 mod raw;
@@ -100,7 +101,7 @@ impl Endpoint {
             format!("http://{value}")
         };
         let url = url.trim_end_matches('/').to_string();
-        let shown = validate::without_credentials(&url);
+        let shown = checks::without_credentials(&url);
         let parsed = reqwest::Url::parse(&url)
             .map_err(|error| ConfigError::new(&key, format!("not a URL ({error}): {shown:?}")))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
