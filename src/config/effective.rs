@@ -85,11 +85,7 @@ impl Settings {
                     .telemetry
                     .otlp_traces
                     .as_ref()
-                    .map(|url| Endpoint::Custom {
-                        url: url.to_string(),
-                        emulator: false,
-                    })
-                    .map(|endpoint| endpoint.redacted())
+                    .map(|url| checks::without_credentials(url.as_str()))
                     .unwrap_or_default(),
                 sample_ratio: self.telemetry.sample_ratio,
             },

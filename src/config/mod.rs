@@ -118,14 +118,7 @@ impl Endpoint {
     pub fn redacted(&self) -> String {
         match self {
             Endpoint::Google => String::new(),
-            Endpoint::Custom { url, .. } => match reqwest::Url::parse(url) {
-                Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
-                    let _ = parsed.set_username("REDACTED");
-                    let _ = parsed.set_password(None);
-                    parsed.to_string()
-                }
-                _ => url.clone(),
-            },
+            Endpoint::Custom { url, .. } => checks::without_credentials(url),
         }
     }
 }

@@ -353,15 +353,30 @@ fn the_otlp_endpoint_is_the_collector_and_spans_go_to_its_traces_path() -> Resul
 
 #[test]
 fn the_effective_configuration_loads_back_to_the_same_values() -> Result<(), Box<dyn std::error::Error>> {
-    let settings = Settings::load(
-        None,
-        &with(minimal(), "AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC", "audio-dlq"),
-    )?;
+    let mut environment = with(minimal(), "AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC", "audio-dlq");
+    for (variable, value) in [
+        ("AUDIO_STORE__PUBSUB__ENDPOINT", "http://user:secret@pubsub:8085"),
+        (
+            "AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT",
+            "http://user:secret@otel:4318",
+        ),
+        ("AUDIO_STORE__TELEMETRY__SAMPLE_RATIO", "0.25"),
+    ] {
+        environment = with(environment, variable, value);
+    }
+    let settings = Settings::load(None, &environment)?;
+    let effective = settings.effective_toml();
+    assert!(!effective.contains("secret"), "{effective}");
+    assert!(
+        effective.contains("otlp_endpoint = \"http://REDACTED@otel:4318/v1/traces\""),
+        "{effective}"
+    );
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("effective.toml");
-    std::fs::write(&path, settings.effective_toml())?;
+    std::fs::write(&path, &effective)?;
     let reloaded = Settings::load(Some(&path), &Environment::new())?;
-    assert_eq!(reloaded.effective_toml(), settings.effective_toml());
+    assert_eq!(reloaded.effective_toml(), effective);
+    assert_eq!(reloaded.telemetry.sample_ratio, 0.25);
     Ok(())
 }
 
