@@ -1,12 +1,18 @@
-//! The three scenarios, each a round of ceilings and then the worker on the same files.
+//! The scenarios: each round runs the ceilings and then the worker on the same files.
+//!
+//! The ceilings use the same files, concurrency and settings without the
+//! worker, through the product's own clients, built from the same
+//! configuration as the worker's (so they cannot drift from it): a tight
+//! uploader straight to a fresh fake-gcs (`audio_store::store::Store`, no
+//! Pub/Sub), and a Pub/Sub relay with no upload (`audio_store::pubsub`'s
+//! `Inbox` and `Outbox`: pull the same input messages, publish an event of
+//! the same size and wait for its confirmation, ack). Events are received the
+//! same way for the relay and the worker (`traffic::Events`).
 
-use crate::params::Params;
-use crate::report::{Kind, Report, Round, Run, Scenario};
-use crate::spans;
-use crate::system::{CpuWatch, proc_status_kib, sync_files};
-use crate::traffic::{Events, Part, event_like, publish_inputs};
-use crate::{IDLE_SETTLE, MIB, SMALL_AUDIO, SMALL_THUMBNAIL};
-use anyhow::{Context as _, Result, bail, ensure};
+use crate::report::{CpuWatch, IDLE_SETTLE, Kind, Round, Run, Scenario, Spans, proc_status_kib};
+use crate::traffic::{Events, Input, Part, event_like, publish_inputs};
+use crate::{MIB, Params};
+use anyhow::{Context as _, Result, ensure};
 use audio_store::config::Settings;
 use audio_store::pubsub::{BUSY_BATCHING, Inbox, Outbox};
 use audio_store::store::Store;
@@ -15,31 +21,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::media::{sample_png, sample_wav, wav_header_len, write_wav};
-use testkit::{FakeGcs, OtlpReceiver, TestEnv, WorkerProcess};
+use testkit::{FakeGcs, OtlpReceiver, PubsubEmulator, TestEnv, WorkerProcess};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+
+/// Sizes of the small scenario's files.
+const SMALL_AUDIO: usize = 64 * 1024;
+const SMALL_THUMBNAIL: usize = 8 * 1024;
 
 pub struct Bench {
     pub params: Params,
     pub binary: PathBuf,
-    pub pubsub_endpoint: String,
-}
-
-/// One input message: its files and the JSON the worker gets.
-pub struct Input {
-    pub id: String,
-    pub audio: PathBuf,
-    pub thumbnail: Option<PathBuf>,
-}
-
-impl Input {
-    pub fn json(&self) -> Vec<u8> {
-        let mut message = serde_json::json!({ "audio": self.audio, "id": self.id });
-        if let Some(thumbnail) = &self.thumbnail {
-            message["thumbnail"] = serde_json::json!(thumbnail);
-        }
-        message.to_string().into_bytes()
-    }
+    pub pubsub: PubsubEmulator,
 }
 
 /// Fresh resources on `gcs_endpoint` and the product's configuration for them,
@@ -51,9 +44,18 @@ pub struct Setup {
     pub settings: Settings,
 }
 
+/// When the worker starts relative to the messages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// All messages are published first; timed from the worker's spawn.
+    Backlog,
+    /// The worker is started and idle first; timed from the first publish.
+    Idle,
+}
+
 impl Bench {
-    pub fn setup(&self, gcs_endpoint: &str, files: &TestEnv) -> Result<Setup> {
-        let env = TestEnv::with_endpoints(&self.pubsub_endpoint, gcs_endpoint);
+    fn setup(&self, gcs_endpoint: &str, files: &TestEnv) -> Result<Setup> {
+        let env = TestEnv::with_endpoints(&self.pubsub.endpoint(), gcs_endpoint);
         let spool = files.spool.path().display().to_string();
         let concurrency = self.params.concurrency.to_string();
         let environment = testkit::environment(
@@ -72,121 +74,75 @@ impl Bench {
         })
     }
 
-    pub async fn small(&self, report: &mut Report) -> Result<()> {
-        let n = self.params.small_messages;
-        let bytes = n as u64 * (SMALL_AUDIO + SMALL_THUMBNAIL) as u64;
-        let title = format!("small: {n} × (64 KiB WAV + 8 KiB PNG)");
-        let mut scenario = Scenario::new(Kind::Small, title, n, bytes);
+    fn watch(&self, worker: Option<u32>, gcs: Option<&FakeGcs>) -> CpuWatch {
+        CpuWatch {
+            worker,
+            gcs: gcs.and_then(FakeGcs::process_group),
+            pubsub: self.pubsub.process_group(),
+        }
+    }
+
+    /// Every round of a scenario: fresh files, the ceilings, then the worker.
+    pub async fn scenario(&self, kind: Kind) -> Result<Scenario> {
+        let params = &self.params;
+        let (messages, size) = match kind {
+            Kind::Small => (params.small_messages, (SMALL_AUDIO + SMALL_THUMBNAIL) as u64),
+            Kind::Large => (params.large_messages, params.large_size),
+            Kind::Huge => (1, params.huge_size),
+        };
+        let title = match kind {
+            Kind::Small => format!("small: {messages} × (64 KiB WAV + 8 KiB PNG)"),
+            Kind::Large => format!("large: {messages} × {} MiB", size / MIB),
+            Kind::Huge => format!("huge: one {} MiB file", size / MIB),
+        };
+        let bytes = messages as u64 * size;
+        let mut scenario = Scenario {
+            kind,
+            title,
+            messages,
+            bytes,
+            rounds: Vec::new(),
+        };
         // Round 0 warms up the Java emulator's JIT on the paths these runs use, and is not
         // counted: a fresh emulator spends a core compiling during its first busy seconds.
-        let first = if self.params.warmup { 0 } else { 1 };
-        for round in first..=self.params.rounds {
-            if round == 0 {
-                println!("\n# {}, warm-up round (not counted)", scenario.title);
-            } else {
-                println!("\n# {}, round {round}/{}", scenario.title, self.params.rounds);
+        let first = usize::from(kind != Kind::Small || !params.warmup);
+        for round in first..=params.rounds {
+            match round {
+                0 => println!("\n# {}, warm-up round (not counted)", scenario.title),
+                _ => println!("\n# {}, round {round}/{}", scenario.title, params.rounds),
             }
-            let files = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
-            let audio = sample_wav((SMALL_AUDIO - wav_header_len()) / 2);
-            let mut png = sample_png();
-            png.resize(SMALL_THUMBNAIL, 0);
-            let inputs: Vec<Input> = (0..n)
-                .map(|i| Input {
-                    id: format!("small-{}-{i}", files.id),
-                    audio: files.spool_file(&format!("small/{i}.wav"), &audio),
-                    thumbnail: Some(files.spool_file(&format!("small/{i}.png"), &png)),
-                })
-                .collect();
-            sync_files()?;
-
-            let gcs = self
-                .gcs_ceiling("small GCS ceiling", &files, &inputs, false)
-                .await?;
-            println!("{}", gcs.line(n, bytes));
-            let lookup = self
-                .gcs_ceiling("small GCS lookup+upload", &files, &inputs, true)
-                .await?;
-            println!("{}", lookup.line(n, bytes));
-            let pubsub = self
-                .pubsub_ceiling("small Pub/Sub ceiling", &files, &inputs, Duration::ZERO)
-                .await?;
-            println!("{}", pubsub.line(n, bytes));
-            // Held as long as a message's uploads took in the upload-only run above.
-            let hold = gcs.elapsed.mul_f64(self.params.concurrency as f64 / n as f64);
-            let paced = self
-                .pubsub_ceiling("small Pub/Sub paced", &files, &inputs, hold)
-                .await?;
-            println!(
-                "{} (each message held {} ms)",
-                paced.line(n, bytes),
-                hold.as_millis()
+            let files = TestEnv::with_endpoints(&self.pubsub.endpoint(), "http://127.0.0.1");
+            let inputs = write_inputs(kind, &files, messages, size).await?;
+            // Dirty pages written out now, not during the first measurement.
+            ensure!(
+                std::process::Command::new("sync").status()?.success(),
+                "sync failed"
             );
-            let worker = self
-                .worker("small worker", &files, &inputs, bytes, Start::Backlog)
+            let name = kind.name();
+            let gcs = self
+                .gcs_ceiling(&format!("{name} GCS ceiling"), &files, &inputs)
                 .await?;
-            println!("{}", worker.line(n, bytes));
+            println!("{}", gcs.line(&scenario));
+            let mut pubsub = None;
+            if kind == Kind::Small {
+                let run = self
+                    .pubsub_ceiling(&format!("{name} Pub/Sub ceiling"), &files, &inputs)
+                    .await?;
+                println!("{}", run.line(&scenario));
+                pubsub = Some(run);
+            }
+            let start = if kind == Kind::Small {
+                Start::Backlog
+            } else {
+                Start::Idle
+            };
+            let worker = self
+                .worker(&format!("{name} worker"), &files, &inputs, bytes, start)
+                .await?;
+            println!("{}", worker.line(&scenario));
             if round > 0 {
-                scenario.rounds.push(Round {
-                    gcs,
-                    gcs_lookup: Some(lookup),
-                    pubsub: Some(pubsub),
-                    pubsub_paced: Some(paced),
-                    worker,
-                });
+                scenario.rounds.push(Round { gcs, pubsub, worker });
             }
-        }
-        report.scenarios.push(scenario);
-        Ok(())
-    }
-
-    pub async fn large(&self, report: &mut Report) -> Result<()> {
-        let (n, size) = (self.params.large_messages, self.params.large_size);
-        let title = format!("large: {n} × {} MiB", size / MIB);
-        let scenario = Scenario::new(Kind::Large, title, n, n as u64 * size);
-        report.scenarios.push(self.files_scenario(scenario, size).await?);
-        Ok(())
-    }
-
-    pub async fn huge(&self, report: &mut Report) -> Result<()> {
-        let size = self.params.huge_size;
-        let title = format!("huge: one {} MiB file", size / MIB);
-        let scenario = Scenario::new(Kind::Huge, title, 1, size);
-        report.scenarios.push(self.files_scenario(scenario, size).await?);
-        Ok(())
-    }
-
-    /// One file of `size` bytes per message, sent to an idle worker; `rounds`
-    /// times, each with its own files, resources and fake-gcs.
-    pub async fn files_scenario(&self, mut scenario: Scenario, size: u64) -> Result<Scenario> {
-        let (n, bytes) = (scenario.messages, scenario.bytes);
-        let name = scenario.kind.name();
-        for round in 1..=self.params.rounds {
-            println!("\n# {}, round {round}/{}", scenario.title, self.params.rounds);
-            let files = TestEnv::with_endpoints(&self.pubsub_endpoint, "http://127.0.0.1");
-            let mut inputs = Vec::new();
-            for i in 0..n {
-                let path = files.spool_path(&format!("{name}-{i}.wav"));
-                let target = path.clone();
-                tokio::task::spawn_blocking(move || write_wav(&target, size, i as u64)).await??;
-                let id = format!("{name}-{}-{i}", files.id);
-                inputs.push(Input {
-                    id,
-                    audio: path,
-                    thumbnail: None,
-                });
-            }
-            sync_files()?;
-            let label = format!("{name} GCS ceiling");
-            let gcs = self.gcs_ceiling(&label, &files, &inputs, false).await?;
-            println!("{}", gcs.line(n, bytes));
-            let label = format!("{name} worker");
-            let worker = self.worker(&label, &files, &inputs, bytes, Start::Idle).await?;
-            println!("{}", worker.line(n, bytes));
-            scenario.rounds.push(Round {
-                gcs,
-                worker,
-                ..Round::default()
-            });
         }
         Ok(scenario)
     }
@@ -194,17 +150,7 @@ impl Bench {
     /// Uploads every input's files straight to a fresh fake-gcs with the
     /// product's `Store`, `concurrency` messages at a time, both files of a
     /// message at once (as the worker does).
-    ///
-    /// With `lookup`, each upload is preceded by the archive lookup the worker
-    /// makes before uploads of 8 MiB or more (a metadata GET, 404); that run
-    /// is a diagnostic (what a lookup costs), not a ceiling.
-    pub async fn gcs_ceiling(
-        &self,
-        label: &str,
-        files: &TestEnv,
-        inputs: &[Input],
-        lookup: bool,
-    ) -> Result<Run> {
+    async fn gcs_ceiling(&self, label: &str, files: &TestEnv, inputs: &[Input]) -> Result<Run> {
         let gcs = start_fake_gcs().await?;
         let setup = self.setup(&gcs.endpoint(), files)?;
         setup.env.gcs.create_bucket(&setup.env.bucket).await?;
@@ -218,7 +164,7 @@ impl Bench {
             }
             jobs.push(parts);
         }
-        let watch = CpuWatch::new(None, Some(&gcs.endpoint()), &self.pubsub_endpoint);
+        let watch = self.watch(None, Some(&gcs));
         let before = watch.sample();
         let started = Instant::now();
         let permits = Arc::new(Semaphore::new(self.params.concurrency));
@@ -227,8 +173,8 @@ impl Bench {
             let permit = permits.clone().acquire_owned().await?;
             let store = store.clone();
             tasks.spawn(async move {
-                let uploads = parts.into_iter().map(|part| part.upload(&store, lookup));
-                let result = futures::future::try_join_all(uploads).await;
+                let result =
+                    futures::future::try_join_all(parts.into_iter().map(|part| part.upload(&store))).await;
                 drop(permit);
                 result.map(drop)
             });
@@ -240,47 +186,33 @@ impl Bench {
             joined??;
         }
         let elapsed = started.elapsed();
-        Ok(Run::new(label, elapsed, watch.sample().since(&before)))
+        Ok(run(label, elapsed, watch.sample().since(before)))
     }
 
     /// Pub/Sub alone: the same input messages pulled, an event of the worker's
     /// size published and confirmed for each, then acked; timed from the
     /// relay's start (inputs published before) to the last event pulled.
-    ///
-    /// With a `hold`, each message is held that long before its event is
-    /// published (as if it were being uploaded): a diagnostic of what the
-    /// emulator costs at a slower pace, not a ceiling.
-    pub async fn pubsub_ceiling(
-        &self,
-        label: &str,
-        files: &TestEnv,
-        inputs: &[Input],
-        hold: Duration,
-    ) -> Result<Run> {
+    async fn pubsub_ceiling(&self, label: &str, files: &TestEnv, inputs: &[Input]) -> Result<Run> {
         let setup = self.setup("http://127.0.0.1", files)?;
         let pubsub = &setup.settings.pubsub;
-        setup
-            .env
-            .create_topics_and_subscriptions(setup.env.default_input_options())
-            .await?;
+        let input_options = setup.env.default_input_options();
+        setup.env.create_topics_and_subscriptions(input_options).await?;
         publish_inputs(&setup, inputs).await?;
         let events = Events::start(&setup, inputs.len()).await?;
-        let watch = CpuWatch::new(None, None, &self.pubsub_endpoint);
+        let watch = self.watch(None, None);
         let before = watch.sample();
         let started = Instant::now();
         let mut inbox = Inbox::open(pubsub, self.params.concurrency).await?;
         let outbox = Outbox::connect(pubsub, &pubsub.stored_topic, BUSY_BATCHING).await?;
         let closer = inbox.closer();
-        let concurrency = self.params.concurrency;
+        let permits = Arc::new(Semaphore::new(self.params.concurrency));
         let relay = tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(concurrency));
             let mut tasks = JoinSet::new();
             while let Some(next) = inbox.next().await {
                 let (envelope, delivery) = next?;
                 let permit = permits.clone().acquire_owned().await?;
                 let outbox = outbox.clone();
                 tasks.spawn(async move {
-                    tokio::time::sleep(hold).await;
                     let (data, attributes) = event_like(&envelope.data);
                     let published = outbox.publish(data, attributes).await;
                     match published {
@@ -301,14 +233,15 @@ impl Bench {
             anyhow::Ok(())
         });
         let done = events.wait(None).await;
-        let cpu = watch.sample().since(&before);
+        let cpu = watch.sample().since(before);
         closer.close().await;
         relay.await.context("the relay task")??;
-        Ok(Run::new(label, done? - started, cpu))
+        Ok(run(label, done? - started, cpu))
     }
 
-    /// The worker as a process on fresh resources and a fresh fake-gcs.
-    pub async fn worker(
+    /// The worker as a process on fresh resources and a fresh fake-gcs; checks
+    /// its `/metrics` and the bucket afterwards, and that SIGTERM stops it with 0.
+    async fn worker(
         &self,
         label: &str,
         files: &TestEnv,
@@ -332,73 +265,78 @@ impl Bench {
         };
         let mut environment = setup.environment.clone();
         if let Some(receiver) = &receiver {
-            environment.insert(spans::ENDPOINT_VARIABLE.into(), receiver.endpoint());
+            environment.insert(
+                "AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT".into(),
+                receiver.endpoint(),
+            );
         }
         let mut worker = WorkerProcess::spawn(&self.binary, &environment, &log)?;
         let pid = worker.child.id().context("the worker has no pid")?;
-        let watch = CpuWatch::new(Some(pid), Some(&gcs.endpoint()), &self.pubsub_endpoint);
+        let watch = self.watch(Some(pid), Some(&gcs));
         // Idle: the worker is ready and has sat idle before the clock starts.
         let mut idle = None;
         if start == Start::Idle {
-            let ready = wait_ready(&mut worker).await?;
+            let ready = worker.wait_ready(Duration::from_secs(30)).await?;
             let before = watch.sample();
             tokio::time::sleep(IDLE_SETTLE).await;
             idle = Some((
                 ready,
-                watch.sample().since(&before),
-                proc_status_kib(pid, "VmRSS")?,
+                (proc_status_kib(pid, "VmRSS")?, watch.sample().since(before)),
             ));
         }
         let before = watch.sample();
         let started = Instant::now();
         let ready = match idle {
-            None => wait_ready(&mut worker).await?,
-            Some((ready, ..)) => {
+            None => worker.wait_ready(Duration::from_secs(30)).await?,
+            Some((ready, _)) => {
                 publish_inputs(&setup, inputs).await?;
                 ready
             }
         };
         let done = events.wait(Some(&mut worker)).await;
         let at_done = watch.sample();
-        let cpu = at_done.since(&before);
         let done = diagnose(done, env, &worker).await?;
-        let mut run = Run::new(label, done - started, cpu);
+        let mut run = run(label, done - started, at_done.since(before));
         run.ready = Some(ready);
-        run.idle_cpu = idle.map(|(_, cpu, _)| cpu);
-        run.idle_rss_kib = idle.map(|(.., rss)| rss);
+        run.idle = idle.map(|(_, idle)| idle);
         run.peak_rss_kib = Some(proc_status_kib(pid, "VmHWM")?);
         // The event is published before the ack and the cleanup, which the metrics count after.
-        let deadline = Instant::now() + Duration::from_secs(30);
         let metric = async |name: &str| worker.metric(name).await.map(|value| value.unwrap_or(0.0) as u64);
-        let stored = loop {
-            let stored = metric("audio_store_messages_total{outcome=\"stored\"}").await?;
-            if stored >= inputs.len() as u64 || Instant::now() > deadline {
-                break stored;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let uploaded = metric("audio_store_uploaded_bytes_total").await?;
-        ensure!(
-            stored == inputs.len() as u64,
-            "{label}: /metrics says {stored} stored, expected {}",
-            inputs.len()
+        let stored = testkit::wait_for(
+            "every message counted as stored",
+            Duration::from_secs(30),
+            || async {
+                let stored = metric("audio_store_messages_total{outcome=\"stored\"}").await?;
+                Ok((stored == inputs.len() as u64).then_some(()))
+            },
         );
+        stored.await.with_context(|| format!("{label}: /metrics"))?;
+        let uploaded = metric("audio_store_uploaded_bytes_total").await?;
         ensure!(
             uploaded == bytes,
             "{label}: /metrics says {uploaded} bytes uploaded, expected {bytes}"
         );
-        let objects = env.gcs.list(&env.bucket, "").await?;
+        let objects = env.gcs.list(&env.bucket, "").await?.len();
         let expected: usize = inputs
             .iter()
             .map(|i| 1 + usize::from(i.thumbnail.is_some()))
             .sum();
         ensure!(
-            objects.len() == expected,
-            "{label}: {} objects in the bucket, expected {expected}",
-            objects.len()
+            objects == expected,
+            "{label}: {objects} objects in the bucket, expected {expected}"
         );
         if let Some(receiver) = &receiver {
-            run.spans = Some(spans::settle(receiver, &worker, &watch, &at_done).await?);
+            let received = settle(receiver).await;
+            let dropped = worker
+                .metric("audio_store_spans_dropped_total")
+                .await?
+                .unwrap_or(0.0) as u64;
+            let tail_cpu = watch.sample().since(at_done).worker;
+            run.spans = Some(Spans {
+                received,
+                dropped,
+                tail_cpu,
+            });
         }
         // SIGTERM and exit 0; the log lines (warnings and errors) are counted.
         worker.signal("-TERM").await?;
@@ -413,23 +351,58 @@ impl Bench {
     }
 }
 
-/// Polls `/readyz` every 5 ms; returns the time until it answered 200.
-async fn wait_ready(worker: &mut WorkerProcess) -> Result<Duration> {
-    let started = Instant::now();
-    let log = worker.log_path().display().to_string();
-    loop {
-        if let Some(status) = worker.child.try_wait()? {
-            bail!("the worker exited ({status}) before it was ready; log {log}");
-        }
-        if matches!(worker.readyz().await, Ok(Some((200, _)))) {
-            return Ok(started.elapsed());
-        }
-        ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "the worker was not ready within 30 s; log {log}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+fn run(label: &str, elapsed: Duration, cpu: crate::report::Cpu) -> Run {
+    Run {
+        label: label.to_string(),
+        elapsed,
+        cpu,
+        ..Run::default()
     }
+}
+
+/// The scenario's files in `files`' spool, one message each.
+async fn write_inputs(kind: Kind, files: &TestEnv, messages: usize, size: u64) -> Result<Vec<Input>> {
+    let name = kind.name();
+    let mut inputs = Vec::new();
+    if kind == Kind::Small {
+        let audio = sample_wav((SMALL_AUDIO - wav_header_len()) / 2);
+        let mut png = sample_png();
+        png.resize(SMALL_THUMBNAIL, 0);
+        for i in 0..messages {
+            inputs.push(Input {
+                id: format!("{name}-{}-{i}", files.id),
+                audio: files.spool_file(&format!("{name}/{i}.wav"), &audio),
+                thumbnail: Some(files.spool_file(&format!("{name}/{i}.png"), &png)),
+            });
+        }
+        return Ok(inputs);
+    }
+    for i in 0..messages {
+        let path = files.spool_path(&format!("{name}-{i}.wav"));
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || write_wav(&target, size, i as u64)).await??;
+        inputs.push(Input {
+            id: format!("{name}-{}-{i}", files.id),
+            audio: path,
+            thumbnail: None,
+        });
+    }
+    Ok(inputs)
+}
+
+/// Waits until the receiver has had no new span for 2 s (the worker's batch
+/// delay is 1 s), at most 30 s; the spans it received.
+async fn settle(receiver: &OtlpReceiver) -> usize {
+    let started = Instant::now();
+    let (mut received, mut changed) = (receiver.spans().len(), Instant::now());
+    while changed.elapsed() < Duration::from_secs(2) && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = receiver.spans().len();
+        if now != received {
+            (received, changed) = (now, Instant::now());
+        }
+    }
+    received
 }
 
 /// Adds what went wrong (dead letters, the worker's log) to a failed wait for events.
@@ -448,15 +421,6 @@ async fn diagnose<T>(waited: Result<T>, env: &TestEnv, worker: &WorkerProcess) -
         "dead letters (first 5):\n{dead_letters}worker log ({}), last lines:\n{tail}",
         log.display()
     )))
-}
-
-/// When the worker starts relative to the messages.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    /// All messages are published first; timed from the worker's spawn.
-    Backlog,
-    /// The worker is started and idle first; timed from the first publish.
-    Idle,
 }
 
 async fn start_fake_gcs() -> Result<FakeGcs> {

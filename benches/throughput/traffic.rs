@@ -2,7 +2,6 @@
 //! product's own clients: uploads (`Store`), input messages (`Outbox`) and
 //! "audio stored" events (`Inbox`).
 
-use crate::scenarios::Input;
 use crate::scenarios::Setup;
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use audio_store::pubsub::{BUSY_BATCHING, Inbox, Outbox};
@@ -13,6 +12,24 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use testkit::WorkerProcess;
 
+/// One input message: its files and the JSON the worker gets.
+pub struct Input {
+    pub id: String,
+    pub audio: PathBuf,
+    pub thumbnail: Option<PathBuf>,
+}
+
+impl Input {
+    fn json(&self) -> Vec<u8> {
+        let mut message = serde_json::json!({ "audio": self.audio, "id": self.id });
+        if let Some(thumbnail) = &self.thumbnail {
+            message["thumbnail"] = serde_json::json!(thumbnail);
+        }
+        message.to_string().into_bytes()
+    }
+}
+
+/// A file the GCS ceiling uploads.
 pub struct Part {
     pub path: PathBuf,
     pub name: String,
@@ -37,13 +54,8 @@ impl Part {
         })
     }
 
-    /// Uploads the file with the product's `Store::upload_local` (after its
-    /// archive lookup, with `lookup`).
-    pub async fn upload(self, store: &Store, lookup: bool) -> Result<()> {
-        if lookup {
-            let found = store.archived(&self.name).await?;
-            ensure!(found.is_none(), "{} exists already", self.name);
-        }
+    /// Uploads the file with the product's `Store::upload_local`.
+    pub async fn upload(self, store: &Store) -> Result<()> {
         let file = tokio::fs::File::open(&self.path).await?;
         let metadata = BTreeMap::new();
         let object = NewObject {

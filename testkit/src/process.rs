@@ -108,8 +108,14 @@ impl StartFailure {
 }
 
 impl Supervised {
-    /// Starts `program` with its output appended to `log`.
-    pub(crate) fn spawn(what: &str, program: &Path, args: &[String], log: &Path) -> Result<Supervised> {
+    /// Starts `program` with `envs` added to the environment and its output appended to `log`.
+    pub(crate) fn spawn(
+        what: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Supervised> {
         let mut log_file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -118,6 +124,7 @@ impl Supervised {
         writeln!(log_file, "--- starting {} {}", program.display(), args.join(" "))?;
         let mut child = Command::new(program)
             .args(args)
+            .envs(envs.iter().copied())
             .current_dir(log_dir())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -192,6 +199,11 @@ impl Supervised {
             log_tail(&self.log)
         );
         StartFailure { error, retryable }
+    }
+
+    /// The service's process group (it leads its own).
+    pub(crate) fn process_group(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILLs the service and its watchdog and reaps both.

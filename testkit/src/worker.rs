@@ -102,6 +102,25 @@ impl WorkerProcess {
         http::get(&self.http, self.port, "/readyz").await
     }
 
+    /// Polls `/readyz` every 5 ms until it answers 200; how long that took.
+    /// Fails, with the log's last lines, when the process exits first or after `timeout`.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Duration> {
+        let started = std::time::Instant::now();
+        while !matches!(self.readyz().await, Ok(Some((200, _)))) {
+            let problem = match self.child.try_wait()? {
+                Some(status) => format!("exited ({status}) before it was ready"),
+                None if started.elapsed() > timeout => format!("was not ready within {timeout:?}"),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+            };
+            let tail = crate::process::log_tail(&self.log);
+            anyhow::bail!("the worker {problem}; log {}:\n{tail}", self.log.display());
+        }
+        Ok(started.elapsed())
+    }
+
     /// A sample from `/metrics` (0 while the series is absent: a labelled one
     /// appears on its first count), `None` until the endpoint answers.
     pub async fn metric(&self, name: &str) -> Result<Option<f64>> {

@@ -2,30 +2,29 @@
 //! emulators of the test kit.
 //!
 //! Starts the Pub/Sub emulator and fake-gcs-server on loopback addresses,
-//! runs `audio-store setup` with `config/local.toml` (names, endpoints and
-//! the spool directory overridden by `AUDIO_STORE__*` variables), writes a
-//! sample track and cover from the test fixtures into a spool directory,
-//! starts `audio-store run` and waits for `/readyz` 200, publishes one
-//! message with `audio-store publish`, prints the "audio stored" event, the
-//! stored objects and the emptied spool, and stops everything, also on
-//! Ctrl-C or SIGTERM. Everything lives in a fresh run directory under the
-//! temp dir, removed at the end unless `KEEP=1`.
+//! runs `audio-store setup` with `config/local.toml` (the emulators, the
+//! spool directory and the log format given as variables), writes a sample
+//! track and cover from the test fixtures into a spool directory, starts
+//! `audio-store run` and waits for `/readyz` 200, publishes one message with
+//! `audio-store publish`, prints the "audio stored" event, the stored objects
+//! and the emptied spool, and stops everything, also on Ctrl-C or SIGTERM.
+//! Everything lives in a fresh run directory under the temp dir, removed at
+//! the end unless `KEEP=1`.
 //!
 //! Usage: `local-run [AUDIO_STORE_BINARY]` (default `target/debug/audio-store`).
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use testkit::emulators::repository_root;
 use testkit::process::{log_tail, use_log_dir};
 use testkit::{FakeGcs, GcsRest, PubsubEmulator, PubsubRest, SubscriptionOptions, WorkerProcess, media};
 use tokio::signal::unix::{SignalKind, signal};
 
+/// Names from `config/local.toml`.
 const PROJECT: &str = "local-project";
-const TOPIC: &str = "audio-processed";
 const STORED_TOPIC: &str = "audio-stored";
 const BUCKET: &str = "audio-archive";
 /// A subscription of this run's own on the stored topic, to read the event back.
@@ -41,11 +40,7 @@ struct Started {
 }
 
 fn step(text: &str) {
-    if std::io::stdout().is_terminal() {
-        println!("\x1b[32m==>\x1b[0m \x1b[1m{text}\x1b[0m");
-    } else {
-        println!("==> {text}");
-    }
+    println!("==> {text}");
 }
 
 fn info(text: &str) {
@@ -119,22 +114,30 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
     std::fs::create_dir(&spool)?;
 
     step("starting the Pub/Sub emulator and fake-gcs-server on loopback");
-    let pubsub = started
-        .pubsub
-        .insert(tokio::task::spawn_blocking(PubsubEmulator::start).await??);
-    let pubsub_endpoint = pubsub.endpoint();
-    let gcs = started
-        .gcs
-        .insert(tokio::task::spawn_blocking(FakeGcs::start_memory).await??);
-    let gcs_endpoint = gcs.endpoint();
+    let pubsub = tokio::task::spawn_blocking(PubsubEmulator::start).await??;
+    let pubsub_endpoint = started.pubsub.insert(pubsub).endpoint();
+    let gcs = tokio::task::spawn_blocking(FakeGcs::start_memory).await??;
+    let gcs_endpoint = started.gcs.insert(gcs).endpoint();
     info(&format!(
         "Pub/Sub emulator {pubsub_endpoint}, fake-gcs-server {gcs_endpoint} (port 80)"
     ));
 
-    let config = run_dir.join("config.toml");
-    std::fs::copy(repository_root().join("config/local.toml"), &config)?;
-    let environment = environment(&config, &pubsub_endpoint, &gcs_endpoint, &spool);
-    step("configuration: config/local.toml, with AUDIO_STORE__* overrides");
+    let config = repository_root().join("config/local.toml");
+    let environment: BTreeMap<String, String> = [
+        ("AUDIO_STORE_CONFIG", config.display().to_string()),
+        (
+            "PUBSUB_EMULATOR_HOST",
+            pubsub_endpoint.trim_start_matches("http://").to_string(),
+        ),
+        ("STORAGE_EMULATOR_HOST", gcs_endpoint.clone()),
+        ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", spool.display().to_string()),
+        ("AUDIO_STORE__LOG__FORMAT", "json".to_string()),
+        ("AUDIO_STORE__HTTP__LISTEN", "127.0.0.1:0".to_string()),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_string(), value))
+    .collect();
+    step("configuration: config/local.toml, with the emulators and the spool as AUDIO_STORE__* variables");
     let effective = run_dir.join("effective-config.toml");
     std::fs::write(&effective, run(binary, &environment, &["check-config"]).await?)?;
     info(&format!("effective configuration: {}", effective.display()));
@@ -157,12 +160,9 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
     let audio = spool.join("night-drive.wav");
     let cover = spool.join("cover.png");
     for (path, fixture) in [(&audio, media::WAV_FIXTURE), (&cover, media::PNG_FIXTURE)] {
-        std::fs::write(path, media::fixture(fixture))?;
-        info(&format!(
-            "{} ({fixture}, {} bytes)",
-            path.display(),
-            std::fs::metadata(path)?.len()
-        ));
+        let bytes = media::fixture(fixture);
+        std::fs::write(path, &bytes)?;
+        info(&format!("{} ({fixture}, {} bytes)", path.display(), bytes.len()));
     }
 
     step("starting the worker: audio-store run (log: worker.log), waiting for GET /readyz 200");
@@ -170,21 +170,9 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
     let worker = started
         .worker
         .insert(WorkerProcess::spawn(binary, &environment, &log)?);
-    let waiting = Instant::now();
-    while !matches!(worker.readyz().await?, Some((200, _))) {
-        if let Some(status) = worker.child.try_wait()? {
-            bail!("the worker exited early ({status}):\n{}", log_tail(&log));
-        }
-        ensure!(
-            waiting.elapsed() < WAIT,
-            "the worker was not ready within 60 s:\n{}",
-            log_tail(&log)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let ready = worker.wait_ready(WAIT).await?.as_secs_f64();
     info(&format!(
-        "ready after {:.1} s (http://127.0.0.1:{})",
-        waiting.elapsed().as_secs_f64(),
+        "ready after {ready:.1} s (http://127.0.0.1:{})",
         worker.port
     ));
 
@@ -199,13 +187,9 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
         "--id",
         "demo-track-1",
     ];
-    let args = [
-        &args[..],
-        &["--meta", "title=Night Drive", "--meta", "user_id=u123"],
-    ]
-    .concat();
-    let message_id = run(binary, &environment, &args).await?;
-    info(&format!("published message id {} to {TOPIC}", message_id.trim()));
+    let meta = ["--meta", "title=Night Drive", "--meta", "user_id=u123"];
+    let message_id = run(binary, &environment, &[&args[..], &meta].concat()).await?;
+    info(&format!("published message id {message_id}"));
 
     step(&format!("the \"audio stored\" event on {STORED_TOPIC}"));
     let events = pubsub_rest.collect(WATCH_SUBSCRIPTION, 1, WAIT).await?;
@@ -270,36 +254,6 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
     Ok(())
 }
 
-/// The product's configuration for this run: `config/local.toml` (copied to
-/// `config`) with the names, the emulators and the spool as variables.
-fn environment(config: &Path, pubsub: &str, gcs: &str, spool: &Path) -> BTreeMap<String, String> {
-    let (config, spool) = (config.display().to_string(), spool.display().to_string());
-    [
-        ("AUDIO_STORE_CONFIG", config.as_str()),
-        ("PUBSUB_EMULATOR_HOST", pubsub.trim_start_matches("http://")),
-        ("STORAGE_EMULATOR_HOST", gcs),
-        // An endpoint in the file would otherwise take precedence over *_EMULATOR_HOST.
-        ("AUDIO_STORE__PUBSUB__ENDPOINT", pubsub),
-        ("AUDIO_STORE__STORAGE__ENDPOINT", gcs),
-        ("AUDIO_STORE__PUBSUB__PROJECT", PROJECT),
-        ("AUDIO_STORE__PUBSUB__TOPIC", TOPIC),
-        ("AUDIO_STORE__PUBSUB__SUBSCRIPTION", "audio-processed-store"),
-        ("AUDIO_STORE__PUBSUB__STORED_TOPIC", STORED_TOPIC),
-        ("AUDIO_STORE__PUBSUB__DEAD_LETTER_TOPIC", "audio-processed-dlq"),
-        (
-            "AUDIO_STORE__PUBSUB__DEAD_LETTER_SUBSCRIPTION",
-            "audio-processed-dlq-sub",
-        ),
-        ("AUDIO_STORE__STORAGE__BUCKET", BUCKET),
-        ("AUDIO_STORE__SOURCES__LOCAL_ROOTS", spool.as_str()),
-        ("AUDIO_STORE__LOG__FORMAT", "json"),
-        ("AUDIO_STORE__HTTP__LISTEN", "127.0.0.1:0"),
-    ]
-    .into_iter()
-    .map(|(key, value)| (key.to_string(), value.to_string()))
-    .collect()
-}
-
 /// Runs `audio-store ARGS` to completion; its stdout, or an error with its stderr.
 async fn run(binary: &Path, environment: &BTreeMap<String, String>, args: &[&str]) -> Result<String> {
     let output = tokio::process::Command::new(binary)
@@ -309,7 +263,7 @@ async fn run(binary: &Path, environment: &BTreeMap<String, String>, args: &[&str
         .kill_on_drop(true)
         .output()
         .await?;
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim_end().to_string();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_string();
     ensure!(
         output.status.success(),
         "audio-store {} failed:\n{}",
