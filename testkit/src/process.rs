@@ -8,12 +8,11 @@
 //! when the next one starts.
 //!
 //! Nothing here is bound to a tokio runtime (each `#[tokio::test]` has its
-//! own): processes are spawned with `std::process` and readiness is probed
-//! with `std::net`.
+//! own): processes are spawned with `std::process` and readiness is read
+//! from their logs or probed with `std::net`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -89,6 +88,8 @@ pub(crate) struct Supervised {
     child: Child,
     watchdog: Child,
     log: PathBuf,
+    /// Where this start's output begins in the log (which is appended to).
+    log_start: u64,
 }
 
 /// Why a service did not become ready.
@@ -122,6 +123,7 @@ impl Supervised {
             .open(log)
             .with_context(|| format!("opening the log file {}", log.display()))?;
         writeln!(log_file, "--- starting {} {}", program.display(), args.join(" "))?;
+        let log_start = log_file.metadata()?.len();
         let mut child = Command::new(program)
             .args(args)
             .envs(envs.iter().copied())
@@ -153,6 +155,7 @@ impl Supervised {
                 child,
                 watchdog,
                 log: log.to_path_buf(),
+                log_start,
             }),
             Err(e) => {
                 let _ = child.kill();
@@ -162,13 +165,14 @@ impl Supervised {
         }
     }
 
-    /// Polls `ready` until it returns true. Fails, with the log tail, when the
-    /// process exits first or its log shows `failure_marker` (both retryable:
-    /// most likely the address was taken), or after [`READY_TIMEOUT`].
+    /// Polls `ready` with what the process has logged so far until it returns
+    /// true. Fails, with the log tail, when the process exits first or its log
+    /// shows `failure_marker` (both retryable: most likely the address was
+    /// taken), or after [`READY_TIMEOUT`].
     pub(crate) fn wait_ready(
         &mut self,
         failure_marker: Option<&str>,
-        ready: impl Fn() -> bool,
+        ready: impl Fn(&str) -> bool,
     ) -> Result<(), StartFailure> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -176,12 +180,13 @@ impl Supervised {
             if let Some(status) = exited {
                 return Err(self.failure(&format!("exited ({status}) before it became ready"), true));
             }
+            let log = self.own_log();
             if let Some(marker) = failure_marker
-                && fs::read_to_string(&self.log).is_ok_and(|log| log.contains(marker))
+                && log.contains(marker)
             {
                 return Err(self.failure(&format!("failed to start ({marker})"), true));
             }
-            if ready() {
+            if ready(&log) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -189,6 +194,16 @@ impl Supervised {
             }
             std::thread::sleep(PROBE_INTERVAL);
         }
+    }
+
+    /// What this start wrote to the log.
+    fn own_log(&self) -> String {
+        let mut text = Vec::new();
+        let read = File::open(&self.log).and_then(|mut file| {
+            file.seek(SeekFrom::Start(self.log_start))?;
+            file.read_to_end(&mut text)
+        });
+        read.map_or_else(|_| String::new(), |_| String::from_utf8_lossy(&text).into_owned())
     }
 
     fn failure(&self, problem: &str, retryable: bool) -> StartFailure {
@@ -236,49 +251,6 @@ pub fn log_tail(path: &Path) -> String {
             lines[lines.len().saturating_sub(40)..].join("\n")
         }
         Err(e) => format!("(cannot read the log: {e})"),
-    }
-}
-
-/// A minimal blocking HTTP GET over std::net, for readiness probes: the status
-/// and the body as far as it was read (the Pub/Sub emulator ignores
-/// `Connection: close`, so reading stops after `content-length` bytes, at EOF
-/// or at the read timeout).
-pub(crate) fn probe_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-    let mut response = Vec::new();
-    let mut buffer = [0u8; 4096];
-    loop {
-        let read = match stream.read(&mut buffer) {
-            Ok(read) => read,
-            Err(e) if response.is_empty() => return Err(e),
-            Err(_) => 0,
-        };
-        response.extend_from_slice(&buffer[..read]);
-        let text = String::from_utf8_lossy(&response);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head.lines().find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.trim()
-                    .eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse::<usize>().ok())?
-            });
-            if read == 0 || length.is_some_and(|length| body.len() >= length) {
-                let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok());
-                return Ok((
-                    status.ok_or_else(|| invalid("no http status line"))?,
-                    body.to_string(),
-                ));
-            }
-        }
-        if read == 0 {
-            return Err(invalid("incomplete http response"));
-        }
     }
 }
 

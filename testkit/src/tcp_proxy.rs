@@ -6,12 +6,14 @@
 //! service had become unreachable; [`TcpProxy::restore`] lets connections
 //! through again. The emulator behind it keeps its state, so messages
 //! published during a cut (directly to the emulator) are still there after it.
+//! [`TcpProxy::close_opened_before`] ends the older connections only.
 //!
 //! It runs as tasks on the runtime of whoever starts it, and stops on drop.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
 
 use anyhow::{Context as _, Result};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,8 +23,8 @@ use tokio::sync::watch;
 pub struct TcpProxy {
     port: u16,
     open: Arc<AtomicBool>,
-    /// Bumped by every cut; connections end when it changes.
-    cuts: watch::Sender<u64>,
+    /// Connections accepted before this instant end.
+    ends: watch::Sender<SystemTime>,
     accepting: tokio::task::JoinHandle<()>,
 }
 
@@ -40,12 +42,12 @@ impl TcpProxy {
         let port = listener.local_addr()?.port();
         let listener = TcpListener::from_std(listener).context("registering the tcp proxy's listener")?;
         let open = Arc::new(AtomicBool::new(open));
-        let (cuts, _) = watch::channel(0u64);
-        let accepting = tokio::spawn(accept(listener, upstream, open.clone(), cuts.clone()));
+        let (ends, _) = watch::channel(SystemTime::UNIX_EPOCH);
+        let accepting = tokio::spawn(accept(listener, upstream, open.clone(), ends.clone()));
         Ok(TcpProxy {
             port,
             open,
-            cuts,
+            ends,
             accepting,
         })
     }
@@ -58,7 +60,18 @@ impl TcpProxy {
     /// Closes every connection and every new one until [`restore`](TcpProxy::restore).
     pub fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
-        self.cuts.send_modify(|cuts| *cuts += 1);
+        self.close_opened_before(SystemTime::now());
+    }
+
+    /// Closes the connections accepted before `instant`; later ones go on.
+    pub fn close_opened_before(&self, instant: SystemTime) {
+        self.ends.send_if_modified(|before| {
+            let later = instant > *before;
+            if later {
+                *before = instant;
+            }
+            later
+        });
     }
 
     /// Lets connections through again.
@@ -79,7 +92,7 @@ async fn accept(
     listener: TcpListener,
     upstream: SocketAddr,
     open: Arc<AtomicBool>,
-    cuts: watch::Sender<u64>,
+    ends: watch::Sender<SystemTime>,
 ) {
     loop {
         let Ok((mut client, _)) = listener.accept().await else {
@@ -88,14 +101,15 @@ async fn accept(
         if !open.load(Ordering::SeqCst) {
             continue;
         }
-        let mut cut = cuts.subscribe();
+        let accepted = SystemTime::now();
+        let mut ends = ends.subscribe();
         tokio::spawn(async move {
             let Ok(mut server) = TcpStream::connect(upstream).await else {
                 return;
             };
             tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                _ = cut.changed() => {}
+                _ = ends.wait_for(|before| *before > accepted) => {}
             }
         });
     }

@@ -1,7 +1,7 @@
 //! The operations endpoint of a running `audio-store run` process:
 //! `/healthz`, `/readyz` across start and SIGTERM, `/metrics` as work happens.
 
-use crate::support::Process;
+use crate::support::spawn_worker;
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -35,7 +35,7 @@ async fn health_readiness_and_metrics_follow_the_worker_through_work_and_sigterm
     // Everything but the archive bucket: the worker must not become ready without it.
     env.create_topics_and_subscriptions(env.default_input_options())
         .await?;
-    let mut worker = Process::spawn(&env, &[("AUDIO_STORE__WORKER__SHUTDOWN_GRACE", "60s")])?;
+    let mut worker = spawn_worker(&env, &[("AUDIO_STORE__WORKER__SHUTDOWN_GRACE", "60s")])?;
     let port = worker.port;
 
     let (status, body) = wait_for("/healthz", TIMEOUT, || http_get(port, "/healthz")).await?;

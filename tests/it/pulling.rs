@@ -1,14 +1,14 @@
 //! The pull loop and readiness under real conditions: a worker left idle,
 //! Pub/Sub unreachable at start and mid-run, and signals during start-up.
 
-use crate::support::{Process, Worker, audio_id_for, event_strings, events_for_all, settings};
+use crate::support::{Worker, audio_id_for, event_strings, events_for_all, settings, spawn_worker};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 use testkit::media::sample_wav;
-use testkit::{TcpProxy, TestEnv, wait_for};
+use testkit::{TcpProxy, TestEnv, WorkerProcess, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -53,7 +53,7 @@ async fn a_worker_idle_for_15_s_keeps_its_stream_and_stores_a_message_published_
 }
 
 /// Waits until `/readyz` answers `status`; returns the body.
-async fn readyz(worker: &Process, status: u16, within: Duration) -> anyhow::Result<String> {
+async fn readyz(worker: &WorkerProcess, status: u16, within: Duration) -> anyhow::Result<String> {
     wait_for(&format!("/readyz {status}"), within, || async {
         Ok(worker
             .readyz()
@@ -65,12 +65,12 @@ async fn readyz(worker: &Process, status: u16, within: Duration) -> anyhow::Resu
 }
 
 /// The reasons of the WARN lines that say the subscription check fails.
-fn subscription_warnings(worker: &Process) -> anyhow::Result<Vec<String>> {
+fn subscription_warnings(worker: &WorkerProcess) -> anyhow::Result<Vec<String>> {
     not_ready_warnings(worker, &["subscription"])
 }
 
 /// The reasons of the WARN lines that say one of `checks` fails.
-fn not_ready_warnings(worker: &Process, checks: &[&str]) -> anyhow::Result<Vec<String>> {
+fn not_ready_warnings(worker: &WorkerProcess, checks: &[&str]) -> anyhow::Result<Vec<String>> {
     Ok(worker
         .log()?
         .into_iter()
@@ -95,7 +95,7 @@ async fn wait_stored(env: &TestEnv, names: &[&str], within: Duration) -> anyhow:
 }
 
 /// The last lines of the worker's log and of the emulator's, for a failure message.
-fn log_tail(env: &TestEnv, worker: &Process) -> String {
+fn log_tail(env: &TestEnv, worker: &WorkerProcess) -> String {
     let last = |lines: Vec<String>, count: usize| {
         let skip = lines.len().saturating_sub(count);
         lines[skip..].join("\n")
@@ -137,7 +137,7 @@ async fn with_pubsub_unreachable_at_start_and_for_30_s_mid_run_readiness_says_wh
     env.create_resources().await?;
     let proxy = TcpProxy::start(&env.pubsub_endpoint, false)?;
     let host = proxy.host();
-    let mut worker = Process::spawn(&env, &[("PUBSUB_EMULATOR_HOST", &host)])?;
+    let mut worker = spawn_worker(&env, &[("PUBSUB_EMULATOR_HOST", &host)])?;
 
     // Unreachable from the start: never ready, and the log says why.
     let body = readyz(&worker, 503, TIMEOUT).await?;
@@ -195,7 +195,7 @@ async fn a_pull_that_got_nothing_through_an_outage_is_reopened_as_soon_as_pubsub
     env.create_resources().await?;
     let proxy = TcpProxy::start(&env.pubsub_endpoint, true)?;
     let host = proxy.host();
-    let mut worker = Process::spawn(&env, &[("PUBSUB_EMULATOR_HOST", &host)])?;
+    let mut worker = spawn_worker(&env, &[("PUBSUB_EMULATOR_HOST", &host)])?;
     readyz(&worker, 200, TIMEOUT).await?;
     ensure!(worker.metric("audio_store_pull_reconnects_total").await? == Some(0.0));
 
@@ -206,18 +206,25 @@ async fn a_pull_that_got_nothing_through_an_outage_is_reopened_as_soon_as_pubsub
     tokio::time::sleep(audio_store::monitor::PROBE_INTERVAL + Duration::from_secs(1)).await;
     proxy.restore();
     let restored = tokio::time::Instant::now();
-    let reopened = |worker: &Process| -> anyhow::Result<bool> {
-        Ok(worker.log()?.iter().any(|line| {
+    // When the worker logged that it reopens the pull.
+    let reopened = |worker: &WorkerProcess| -> anyhow::Result<Option<jiff::Timestamp>> {
+        let line = worker.log()?.into_iter().find(|line| {
             line["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("reopening the streaming pull"))
-        }))
+        });
+        Ok(line.and_then(|line| line["timestamp"].as_str()?.parse().ok()))
     };
-    wait_for("the worker to reopen its pull", TIMEOUT, || async {
-        Ok(reopened(&worker)?.then_some(()))
+    let reopened_at = wait_for("the worker to reopen its pull", TIMEOUT, || async {
+        reopened(&worker)
     })
     .await
     .with_context(|| log_tail(&env, &worker))?;
+    // The stream the worker gave up may be one the SDK had reopened itself after the
+    // restore; its cancellation (RST_STREAM) is lost in the emulator, which goes on
+    // handing that stream messages where Pub/Sub would drop it. Closing the connections
+    // from before the reopen makes the emulator drop it (the new stream's is newer).
+    proxy.close_opened_before(reopened_at.into());
     // The next probe after the restore (5 s apart, up to 5 s each) reports it;
     // the SDK alone may wait up to a minute.
     ensure!(
@@ -241,7 +248,7 @@ async fn a_deleted_subscription_makes_readyz_503_with_the_reason_and_recreating_
 -> anyhow::Result<()> {
     let env = TestEnv::new();
     env.create_resources().await?;
-    let mut worker = Process::spawn(&env, &[])?;
+    let mut worker = spawn_worker(&env, &[])?;
     readyz(&worker, 200, TIMEOUT).await?;
     // Whichever notices first: the probe (`subscription`) or the stream (`pull`).
     let checks = ["subscription", "pull"];
@@ -291,7 +298,7 @@ async fn sigterm_before_the_first_bucket_check_finishes_exits_0() -> anyhow::Res
     // Storage that accepts connections and never answers: the bucket check hangs.
     let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
     let storage = format!("http://{}", silent.local_addr()?);
-    let mut worker = Process::spawn(
+    let mut worker = spawn_worker(
         &env,
         &[
             ("STORAGE_EMULATOR_HOST", &storage),
@@ -318,7 +325,7 @@ async fn sigterm_before_the_first_bucket_check_finishes_exits_0() -> anyhow::Res
 async fn sighup_shuts_the_worker_down_gracefully_with_exit_0() -> anyhow::Result<()> {
     let env = TestEnv::new();
     env.create_resources().await?;
-    let mut worker = Process::spawn(&env, &[])?;
+    let mut worker = spawn_worker(&env, &[])?;
     readyz(&worker, 200, TIMEOUT).await?;
     worker.signal("-HUP").await?;
     assert_eq!(worker.exit_code(TIMEOUT).await?, Some(0));

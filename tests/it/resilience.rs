@@ -2,7 +2,7 @@
 //! SIGTERM with uploads that cannot finish in the grace, and two replicas
 //! sharing one subscription while one of them is killed.
 
-use crate::support::{Process, audio_id_for, event_json, events_for_all};
+use crate::support::{audio_id_for, event_json, events_for_all, spawn_worker};
 use anyhow::ensure;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,7 +50,7 @@ async fn a_worker_killed_mid_upload_loses_nothing_and_stores_nothing_twice_after
         sources.insert(audio_id_for(&id), (path, crc));
     }
 
-    let first = Process::spawn(&env, &[("AUDIO_STORE__WORKER__CONCURRENCY", "3")])?;
+    let first = spawn_worker(&env, &[("AUDIO_STORE__WORKER__CONCURRENCY", "3")])?;
     wait_for("uploads in flight", Duration::from_secs(60), || async {
         let in_flight = first.metric("audio_store_in_flight_messages").await?;
         Ok(in_flight.filter(|n| *n >= 2.0))
@@ -91,7 +91,7 @@ async fn a_worker_killed_mid_upload_loses_nothing_and_stores_nothing_twice_after
         "the kill came too late to test anything"
     );
 
-    let second = Process::spawn(&env, &[("AUDIO_STORE__WORKER__CONCURRENCY", "3")])?;
+    let second = spawn_worker(&env, &[("AUDIO_STORE__WORKER__CONCURRENCY", "3")])?;
     let pending: BTreeSet<String> = sources
         .keys()
         .filter(|id| !announced.contains(*id))
@@ -134,7 +134,7 @@ async fn sigterm_exits_0_within_the_grace_and_unfinished_messages_are_stored_lat
             .await?;
     }
 
-    let worker = Process::spawn(
+    let worker = spawn_worker(
         &env,
         &[
             ("AUDIO_STORE__WORKER__CONCURRENCY", "4"),
@@ -172,7 +172,7 @@ async fn sigterm_exits_0_within_the_grace_and_unfinished_messages_are_stored_lat
     ensure!(!unfinished.is_empty(), "some uploads were cut short by the grace");
 
     // The nacked messages come back to the next worker and are stored once.
-    let next = Process::spawn(&env, &[("AUDIO_STORE__WORKER__CONCURRENCY", "4")])?;
+    let next = spawn_worker(&env, &[("AUDIO_STORE__WORKER__CONCURRENCY", "4")])?;
     let events = events_for_all(&env, &unfinished, Duration::from_secs(240)).await?;
     ensure!(
         !events.contains_key(&audio_id_for("quick")),
@@ -208,8 +208,8 @@ async fn two_replicas_share_one_subscription_and_killing_one_loses_nothing() -> 
         paths.push(path);
     }
     let options = [("AUDIO_STORE__WORKER__CONCURRENCY", "4")];
-    let a = Process::spawn(&env, &options)?;
-    let b = Process::spawn(&env, &options)?;
+    let a = spawn_worker(&env, &options)?;
+    let b = spawn_worker(&env, &options)?;
     let by_a = wait_for("both replicas working", Duration::from_secs(60), || async {
         let stored_a = a.metric("audio_store_messages_total{outcome=\"stored\"}").await?;
         let stored_b = b.metric("audio_store_messages_total{outcome=\"stored\"}").await?;

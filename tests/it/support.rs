@@ -107,33 +107,11 @@ pub fn event_strings(events: &[Received], pointer: &str) -> anyhow::Result<Vec<S
 /// The `audio-store` binary built for these tests.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_audio-store");
 
-/// A worker process (`audio-store run`) of this test binary's build, with
-/// `env`'s environment. (A wrapper, not an alias, so that the tests can say
-/// `Process::spawn(&env, ...)`; it derefs to the kit's [`WorkerProcess`].)
-pub struct Process(WorkerProcess);
-
-impl Process {
-    /// Starts `audio-store run` with `env`'s environment plus `overrides`; its
-    /// log goes to the kit's log directory.
-    pub fn spawn(env: &TestEnv, overrides: &[(&str, &str)]) -> anyhow::Result<Process> {
-        let log = testkit::process::log_dir().join(format!("worker-{}.log", testkit::unique(&env.id)));
-        let process = WorkerProcess::spawn(BINARY.as_ref(), &environment(env, overrides), &log)?;
-        Ok(Process(process))
-    }
-}
-
-impl std::ops::Deref for Process {
-    type Target = WorkerProcess;
-
-    fn deref(&self) -> &WorkerProcess {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Process {
-    fn deref_mut(&mut self) -> &mut WorkerProcess {
-        &mut self.0
-    }
+/// A worker process (`audio-store run`) of this test binary's build with
+/// `env`'s environment plus `overrides`; its log goes to the kit's log directory.
+pub fn spawn_worker(env: &TestEnv, overrides: &[(&str, &str)]) -> anyhow::Result<WorkerProcess> {
+    let log = testkit::process::log_dir().join(format!("worker-{}.log", testkit::unique(&env.id)));
+    WorkerProcess::spawn(BINARY.as_ref(), &environment(env, overrides), &log)
 }
 
 /// Collects stored events until every one of `ids` has one, releasing the

@@ -2,7 +2,7 @@
 //! receiver: the worker as a process (its span export is process-wide).
 
 use crate::replay::replay;
-use crate::support::{Process, Worker, audio_id_for, event_json, settings};
+use crate::support::{Worker, audio_id_for, event_json, settings, spawn_worker};
 use crate::worker::EVENT_TIMEOUT;
 use anyhow::{Context as _, ensure};
 use serde_json::json;
@@ -60,7 +60,7 @@ async fn a_traced_message_gives_one_span_tree_and_its_stored_event_continues_it(
             ],
         )
         .await?;
-    let mut worker = Process::spawn(
+    let mut worker = spawn_worker(
         &env,
         &[("AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT", &receiver.endpoint())],
     )?;
@@ -158,7 +158,7 @@ async fn a_dead_letter_copy_carries_the_worker_span_and_replay_keeps_it() -> any
             &[("googclient_traceparent", &traceparent())],
         )
         .await?;
-    let mut worker = Process::spawn(
+    let mut worker = spawn_worker(
         &env,
         &[("AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT", &receiver.endpoint())],
     )?;
@@ -250,7 +250,7 @@ async fn with_the_collector_down_the_worker_keeps_storing_and_counts_the_dropped
         ids.insert(audio_id_for(&id));
     }
     let endpoint = format!("http://{closed}");
-    let mut worker = Process::spawn(&env, &[("AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT", &endpoint)])?;
+    let mut worker = spawn_worker(&env, &[("AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT", &endpoint)])?;
     let events = env
         .pubsub
         .collect(&env.stored_subscription, 3, EVENT_TIMEOUT)
@@ -297,7 +297,7 @@ async fn a_sample_ratio_of_zero_starts_no_trace_but_follows_a_sampled_parent() -
             .publish_json(&env.topic, &json!({"audio": audio, "id": id}), &attributes)
             .await?;
     }
-    let mut worker = Process::spawn(
+    let mut worker = spawn_worker(
         &env,
         &[
             ("AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT", &receiver.endpoint()),
