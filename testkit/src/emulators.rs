@@ -60,12 +60,22 @@ pub struct PubsubEmulator {
 /// each at most.
 const QUICK_JIT: &str = "-XX:TieredStopAtLevel=1";
 
+/// The JVM's class-data archive of the emulator that `scripts/install-tools`
+/// makes (it halves the start: ~1.3 → ~0.6 CPU-s, ~1.1 → ~0.5 s).
+const CLASS_ARCHIVE: &str = ".tools/pubsub-emulator.jsa";
+
 impl PubsubEmulator {
-    /// Starts an emulator for tests (the JVM with its quick JIT compiler only)
+    /// Starts an emulator for tests (the JVM with its quick JIT compiler only,
+    /// and the class-data archive if `scripts/install-tools` made one)
     /// on a free port and waits until it answers `GET /` with `Ok` (retries on
     /// another port if the chosen one was taken).
     pub fn start() -> Result<PubsubEmulator> {
-        PubsubEmulator::start_with(&[("JAVA_OPTS", QUICK_JIT)])
+        let archive = repository_root().join(CLASS_ARCHIVE);
+        let options = match archive.is_file() {
+            true => format!("{QUICK_JIT} -XX:SharedArchiveFile={}", archive.display()),
+            false => QUICK_JIT.to_string(),
+        };
+        PubsubEmulator::start_with(&[("CLOUD_PUBSUB_EMULATOR_OPTS", &options)])
     }
 
     /// Like [`start`](PubsubEmulator::start), with the JVM's default JIT
