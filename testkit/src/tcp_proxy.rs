@@ -4,27 +4,36 @@
 //! Pub/Sub client's gRPC (HTTP/2). This one copies bytes: [`TcpProxy::cut`]
 //! closes every connection through it and closes new ones at once, as if the
 //! service had become unreachable; [`TcpProxy::restore`] lets connections
-//! through again. The emulator behind it keeps its state, so messages
-//! published during a cut (directly to the emulator) are still there after it.
-//! [`TcpProxy::close_opened_before`] ends the older connections only.
+//! through again, [`TcpProxy::restore_http1`] only those that do not open
+//! with the HTTP/2 preface (the REST calls, not the gRPC streams). The
+//! emulator behind it keeps its state, so messages published during a cut
+//! (directly to the emulator) are still there after it.
 //!
 //! It runs as tasks on the runtime of whoever starts it, and stops on drop.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// Nothing gets through.
+const CLOSED: u8 = 0;
+/// Connections that do not begin with HTTP/2's preface get through.
+const HTTP1: u8 = 1;
+/// Everything gets through.
+const OPEN: u8 = 2;
+
 /// A proxy on `127.0.0.1:<free port>` in front of one upstream address.
 pub struct TcpProxy {
     port: u16,
-    open: Arc<AtomicBool>,
-    /// Connections accepted before this instant end.
-    ends: watch::Sender<SystemTime>,
+    /// [`CLOSED`], [`HTTP1`] or [`OPEN`].
+    open: Arc<AtomicU8>,
+    /// Bumped by every cut; connections end when it changes.
+    cuts: watch::Sender<u64>,
     accepting: tokio::task::JoinHandle<()>,
 }
 
@@ -41,13 +50,13 @@ impl TcpProxy {
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let listener = TcpListener::from_std(listener).context("registering the tcp proxy's listener")?;
-        let open = Arc::new(AtomicBool::new(open));
-        let (ends, _) = watch::channel(SystemTime::UNIX_EPOCH);
-        let accepting = tokio::spawn(accept(listener, upstream, open.clone(), ends.clone()));
+        let open = Arc::new(AtomicU8::new(if open { OPEN } else { CLOSED }));
+        let (cuts, _) = watch::channel(0u64);
+        let accepting = tokio::spawn(accept(listener, upstream, open.clone(), cuts.clone()));
         Ok(TcpProxy {
             port,
             open,
-            ends,
+            cuts,
             accepting,
         })
     }
@@ -59,24 +68,18 @@ impl TcpProxy {
 
     /// Closes every connection and every new one until [`restore`](TcpProxy::restore).
     pub fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        self.close_opened_before(SystemTime::now());
-    }
-
-    /// Closes the connections accepted before `instant`; later ones go on.
-    pub fn close_opened_before(&self, instant: SystemTime) {
-        self.ends.send_if_modified(|before| {
-            let later = instant > *before;
-            if later {
-                *before = instant;
-            }
-            later
-        });
+        self.open.store(CLOSED, Ordering::SeqCst);
+        self.cuts.send_modify(|cuts| *cuts += 1);
     }
 
     /// Lets connections through again.
     pub fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
+        self.open.store(OPEN, Ordering::SeqCst);
+    }
+
+    /// Lets new connections through again unless they open with HTTP/2's preface.
+    pub fn restore_http1(&self) {
+        self.open.store(HTTP1, Ordering::SeqCst);
     }
 }
 
@@ -88,29 +91,44 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept(
-    listener: TcpListener,
-    upstream: SocketAddr,
-    open: Arc<AtomicBool>,
-    ends: watch::Sender<SystemTime>,
-) {
+async fn accept(listener: TcpListener, upstream: SocketAddr, open: Arc<AtomicU8>, cuts: watch::Sender<u64>) {
     loop {
         let Ok((mut client, _)) = listener.accept().await else {
             continue;
         };
-        if !open.load(Ordering::SeqCst) {
+        let mode = open.load(Ordering::SeqCst);
+        if mode == CLOSED {
             continue;
         }
-        let accepted = SystemTime::now();
-        let mut ends = ends.subscribe();
+        let mut cut = cuts.subscribe();
         tokio::spawn(async move {
+            if mode == HTTP1 && opens_http2(&client).await {
+                return;
+            }
             let Ok(mut server) = TcpStream::connect(upstream).await else {
                 return;
             };
             tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                _ = ends.wait_for(|before| *before > accepted) => {}
+                _ = cut.changed() => {}
             }
         });
     }
+}
+
+/// Whether the client's first bytes are HTTP/2's preface (`PRI * HTTP/2.0`);
+/// waits up to a second for them.
+async fn opens_http2(client: &TcpStream) -> bool {
+    let mut first = [0u8; 3];
+    let peeked = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match client.peek(&mut first).await {
+                Ok(read) if read > 0 && read < first.len() => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => return other,
+            }
+        }
+    });
+    matches!(peeked.await, Ok(Ok(3))) && &first == b"PRI"
 }

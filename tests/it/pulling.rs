@@ -1,9 +1,7 @@
 //! The pull loop and readiness under real conditions: a worker left idle,
 //! Pub/Sub unreachable at start and mid-run, and signals during start-up.
 
-use crate::support::{
-    Worker, audio_id_for, event_strings, events_for_all, events_for_all_with, settings, spawn_worker,
-};
+use crate::support::{Worker, audio_id_for, event_strings, events_for_all, settings, spawn_worker};
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -96,40 +94,30 @@ async fn wait_stored(env: &TestEnv, names: &[&str], within: Duration) -> anyhow:
     events_for_all(env, &expected, within).await.map(drop)
 }
 
-/// [`wait_stored`] for a worker that reaches Pub/Sub through `proxy`: before
-/// each release of the leases, the proxy's connections from before the
-/// worker's last reopened pull are closed. The stream a worker gives up may be
-/// one the SDK had itself reopened; the emulator loses its cancellation
-/// (RST_STREAM) and goes on handing it messages, released ones too, where
-/// Pub/Sub would drop it. It does drop a stream whose connection closes.
-async fn wait_stored_through(
-    env: &TestEnv,
-    proxy: &TcpProxy,
-    worker: &WorkerProcess,
-    names: &[&str],
-    within: Duration,
-) -> anyhow::Result<()> {
-    let expected: BTreeSet<String> = names.iter().map(|name| audio_id_for(name)).collect();
-    let close_abandoned = || {
-        // "streaming pull failed; reopening", or "...; reopening the streaming pull".
-        if let Some(at) = last_logged(worker, "reopening")? {
-            proxy.close_opened_before(at.into());
-        }
-        Ok(())
+/// Ends an outage on `proxy` in two steps: REST first, until the worker logs
+/// that it reopens its pull (its probe saw Pub/Sub again) or `within` passed,
+/// then gRPC; whether it reopened. Were the SDK's own stream through before
+/// that reopen, the worker would cancel it, and the emulator, which fails on a
+/// client's RST_STREAM, would then go on handing that subscription's messages
+/// to the cancelled stream (Pub/Sub drops it): they would never arrive.
+async fn end_outage(proxy: &TcpProxy, worker: &WorkerProcess, within: Duration) -> anyhow::Result<bool> {
+    let reopens = || -> anyhow::Result<usize> {
+        let lines = worker.log()?.into_iter().filter(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|message| message.contains("reopening the streaming pull"))
+        });
+        Ok(lines.count())
     };
-    events_for_all_with(env, &expected, within, close_abandoned)
-        .await
-        .map(drop)
-}
-
-/// When the worker last logged a message that contains `fragment`.
-fn last_logged(worker: &WorkerProcess, fragment: &str) -> anyhow::Result<Option<jiff::Timestamp>> {
-    let line = worker.log()?.into_iter().rev().find(|line| {
-        line["message"]
-            .as_str()
-            .is_some_and(|message| message.contains(fragment))
-    });
-    Ok(line.and_then(|line| line["timestamp"].as_str()?.parse().ok()))
+    let before = reopens()?;
+    proxy.restore_http1();
+    let reopened = wait_for("the worker to reopen its pull", within, || async {
+        Ok((reopens()? > before).then_some(()))
+    })
+    .await
+    .is_ok();
+    proxy.restore();
+    Ok(reopened)
 }
 
 /// The last lines of the worker's log and of the emulator's, for a failure message.
@@ -195,18 +183,11 @@ async fn with_pubsub_unreachable_at_start_and_for_30_s_mid_run_readiness_says_wh
     );
     publish_tracks(&env, &["early-1", "early-2"]).await?;
 
-    proxy.restore();
+    end_outage(&proxy, &worker, Duration::from_secs(15)).await?;
     readyz(&worker, 200, TIMEOUT).await?;
-    // The SDK reopens the pull itself, after up to a minute of its own backoff.
-    wait_stored_through(
-        &env,
-        &proxy,
-        &worker,
-        &["early-1", "early-2"],
-        Duration::from_secs(90),
-    )
-    .await
-    .with_context(|| log_tail(&env, &worker))?;
+    wait_stored(&env, &["early-1", "early-2"], Duration::from_secs(90))
+        .await
+        .with_context(|| log_tail(&env, &worker))?;
 
     // Mid-run: a 30 s outage.
     let warned = subscription_warnings(&worker)?.len();
@@ -221,17 +202,11 @@ async fn with_pubsub_unreachable_at_start_and_for_30_s_mid_run_readiness_says_wh
     publish_tracks(&env, &["late-1", "late-2"]).await?;
     // The scenario's outage lasts 30 s.
     tokio::time::sleep_until(cut_at + Duration::from_secs(30)).await;
-    proxy.restore();
+    end_outage(&proxy, &worker, Duration::from_secs(15)).await?;
     readyz(&worker, 200, TIMEOUT).await?;
-    wait_stored_through(
-        &env,
-        &proxy,
-        &worker,
-        &["late-1", "late-2"],
-        Duration::from_secs(90),
-    )
-    .await
-    .with_context(|| log_tail(&env, &worker))?;
+    wait_stored(&env, &["late-1", "late-2"], Duration::from_secs(90))
+        .await
+        .with_context(|| log_tail(&env, &worker))?;
 
     worker.signal("-TERM").await?;
     assert_eq!(worker.exit_code(TIMEOUT).await?, Some(0));
@@ -254,28 +229,18 @@ async fn a_pull_that_got_nothing_through_an_outage_is_reopened_as_soon_as_pubsub
     // The scenario: an outage is two failed probes in a row (monitor::OUTAGE_PROBES),
     // 5 s apart; one has failed.
     tokio::time::sleep(audio_store::monitor::PROBE_INTERVAL + Duration::from_secs(1)).await;
-    proxy.restore();
-    let restored = tokio::time::Instant::now();
-    let reopened_at = wait_for("the worker to reopen its pull", TIMEOUT, || async {
-        last_logged(&worker, "reopening the streaming pull")
-    })
-    .await
-    .with_context(|| log_tail(&env, &worker))?;
-    // The stream given up may be one the SDK had reopened itself after the restore,
-    // which the emulator would go on feeding (see `wait_stored_through`); the new
-    // stream's connection is newer.
-    proxy.close_opened_before(reopened_at.into());
     // The next probe after the restore (5 s apart, up to 5 s each) reports it;
     // the SDK alone may wait up to a minute.
+    let reopened = end_outage(&proxy, &worker, Duration::from_secs(15)).await?;
     ensure!(
-        restored.elapsed() < Duration::from_secs(15),
-        "reopened {:?} after the restore",
-        restored.elapsed()
+        reopened,
+        "no reopened pull within 15 s of the restore\n{}",
+        log_tail(&env, &worker)
     );
     ensure!(worker.metric("audio_store_pull_reconnects_total").await? == Some(1.0));
 
     publish_tracks(&env, &["after"]).await?;
-    wait_stored(&env, &["after"], Duration::from_secs(60))
+    wait_stored(&env, &["after"], Duration::from_secs(90))
         .await
         .with_context(|| log_tail(&env, &worker))?;
     worker.signal("-TERM").await?;

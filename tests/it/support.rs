@@ -123,16 +123,6 @@ pub async fn events_for_all(
     ids: &BTreeSet<String>,
     timeout: Duration,
 ) -> anyhow::Result<BTreeMap<String, Vec<serde_json::Value>>> {
-    events_for_all_with(env, ids, timeout, || Ok(())).await
-}
-
-/// [`events_for_all`], calling `before_release` before each release of the leases.
-pub async fn events_for_all_with(
-    env: &TestEnv,
-    ids: &BTreeSet<String>,
-    timeout: Duration,
-    mut before_release: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<BTreeMap<String, Vec<serde_json::Value>>> {
     let mut events: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_release = tokio::time::Instant::now();
@@ -156,7 +146,6 @@ pub async fn events_for_all_with(
             ids.len()
         );
         if last_release.elapsed() > Duration::from_secs(5) {
-            before_release()?;
             env.pubsub.release_leases(&env.subscription).await?;
             last_release = tokio::time::Instant::now();
         }
