@@ -195,6 +195,13 @@ async fn two_replicas_share_one_subscription_and_killing_one_loses_nothing() -> 
     const MESSAGES: usize = 300;
     let env = TestEnv::new();
     env.create_resources().await?;
+    // Both pull before the messages come: the emulator hands a backlog to the
+    // first stream that opens, all of it.
+    let options = [("AUDIO_STORE__WORKER__CONCURRENCY", "4")];
+    let mut a = spawn_worker(&env, &options)?;
+    let mut b = spawn_worker(&env, &options)?;
+    a.wait_ready(Duration::from_secs(60)).await?;
+    b.wait_ready(Duration::from_secs(60)).await?;
     let mut expected = BTreeMap::new();
     let mut paths = Vec::new();
     for index in 0..MESSAGES {
@@ -207,9 +214,6 @@ async fn two_replicas_share_one_subscription_and_killing_one_loses_nothing() -> 
             .await?;
         paths.push(path);
     }
-    let options = [("AUDIO_STORE__WORKER__CONCURRENCY", "4")];
-    let a = spawn_worker(&env, &options)?;
-    let b = spawn_worker(&env, &options)?;
     let by_a = wait_for("both replicas working", Duration::from_secs(60), || async {
         let stored_a = a.metric("audio_store_messages_total{outcome=\"stored\"}").await?;
         let stored_b = b.metric("audio_store_messages_total{outcome=\"stored\"}").await?;
@@ -220,7 +224,6 @@ async fn two_replicas_share_one_subscription_and_killing_one_loses_nothing() -> 
     })
     .await?;
     a.signal("-KILL").await?;
-    let mut a = a;
     a.child.wait().await?;
 
     let ids: BTreeSet<String> = expected.keys().cloned().collect();
@@ -231,7 +234,6 @@ async fn two_replicas_share_one_subscription_and_killing_one_loses_nothing() -> 
         .await?
         .unwrap_or(0.0);
     b.signal("-TERM").await?;
-    let mut b = b;
     tokio::time::timeout(Duration::from_secs(60), b.child.wait()).await??;
     ensure!(
         by_a > 0.0 && by_b > 0.0,
