@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::process::{StartFailure, Supervised, log_dir, require_executable};
+use crate::process::{StartFailure, Supervised, log_dir, probe_get, require_executable};
 
 /// Default location of the Pub/Sub emulator (Debian package
 /// google-cloud-cli-pubsub-emulator); `PUBSUB_EMULATOR_BIN` overrides it.
@@ -98,7 +98,14 @@ impl PubsubEmulator {
             // leaves the JVM running), and another emulator may answer on that
             // port: only its own "Server started" line proves that it listens.
             let started = format!("Server started, listening on {port}");
-            let ready = process.wait_ready(Some("java.net.BindException"), |log| log.contains(&started));
+            let (addr, host) = (
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                format!("127.0.0.1:{port}"),
+            );
+            let ready = process.wait_ready(Some("java.net.BindException"), |log| {
+                log.contains(&started)
+                    && matches!(probe_get(addr, &host, "/"), Ok((200, body)) if body.contains("Ok"))
+            });
             match ready {
                 Ok(()) => {
                     return Ok(PubsubEmulator {
@@ -161,8 +168,10 @@ fn claimed_addresses() -> MutexGuard<'static, BTreeSet<u8>> {
 }
 
 /// Picks a random 127.0.0.X (X in 2..=250) not claimed in this process whose
-/// port 80 is free right now, and claims it.
-fn claim_loopback_address() -> Result<Ipv4Addr> {
+/// port 80 is free right now, and claims it, for a [`FakeGcs`] or a
+/// [`FaultProxy`](crate::FaultProxy): a stopped fake-gcs keeps its address,
+/// which a proxy of another test must not take in the meantime.
+pub(crate) fn claim_loopback_address() -> Result<Ipv4Addr> {
     for _ in 0..200 {
         let octet = 2 + (uuid::Uuid::new_v4().as_bytes()[0] % 249);
         let address = Ipv4Addr::new(127, 0, 0, octet);
@@ -173,6 +182,11 @@ fn claim_loopback_address() -> Result<Ipv4Addr> {
         }
     }
     bail!("found no loopback address 127.0.0.X with a free port 80 (binding port 80 needs root)")
+}
+
+/// Gives back an address of [`claim_loopback_address`].
+pub(crate) fn release_loopback_address(address: Ipv4Addr) {
+    claimed_addresses().remove(&address.octets()[3]);
 }
 
 /// An owned fake-gcs-server on its own loopback address `127.0.0.X:80`.
@@ -256,9 +270,8 @@ impl FakeGcs {
         let mut process = Supervised::spawn(&what, &binary, &args, &[], &log).map_err(StartFailure::fatal)?;
         let addr = SocketAddr::from((self.address, 80));
         // fake-gcs exits (status 1) when its address is taken.
-        // Port 80 of the address was free just before: whatever accepts now is this server.
         match process.wait_ready(None, |_| {
-            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_ok()
+            matches!(probe_get(addr, &host, "/storage/v1/b"), Ok((200, _)))
         }) {
             Ok(()) => {
                 self.process = Some(process);
@@ -304,6 +317,6 @@ impl FakeGcs {
 impl Drop for FakeGcs {
     fn drop(&mut self) {
         let _ = self.stop();
-        claimed_addresses().remove(&self.address.octets()[3]);
+        release_loopback_address(self.address);
     }
 }

@@ -36,6 +36,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use bucket_policy::BucketPolicies;
+
+use crate::emulators::{claim_loopback_address, release_loopback_address};
 use faults::{Faults, RandomFaults, Rule};
 use hyper::{Method, StatusCode};
 use resumable_status::ResumableStatus;
@@ -91,16 +93,14 @@ impl FaultProxy {
         );
         let host = uri.host().context("an upstream without a host")?;
         let upstream = format!("{host}:{}", uri.port_u16().unwrap_or(80));
-        let (address, listener) = (0..200)
-            .find_map(|_| {
-                let address = Ipv4Addr::new(127, 0, 0, fastrand::u8(2..=250));
-                std::net::TcpListener::bind((address, 80))
-                    .ok()
-                    .map(|listener| (address, listener))
-            })
-            .context(
-                "found no loopback address 127.0.0.Y with a free port 80 (binding port 80 needs root)",
-            )?;
+        let address = claim_loopback_address()?;
+        let listener = match std::net::TcpListener::bind((address, 80)) {
+            Ok(listener) => listener,
+            Err(error) => {
+                release_loopback_address(address);
+                return Err(error).with_context(|| format!("binding port 80 of {address}"));
+            }
+        };
         listener.set_nonblocking(true)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -244,6 +244,7 @@ impl Drop for FaultProxy {
         {
             self.shared.log("the proxy thread panicked");
         }
+        release_loopback_address(self.address);
     }
 }
 
