@@ -36,13 +36,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use bucket_policy::BucketPolicies;
-
-use crate::emulators::{claim_loopback_address, release_loopback_address};
 use faults::{Faults, RandomFaults, Rule};
 use hyper::{Method, StatusCode};
 use resumable_status::ResumableStatus;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+use crate::emulators::{claim_loopback_address, release_loopback_address};
 
 /// What the proxy did so far; see [`FaultProxy::stats`].
 #[derive(Debug, Clone, Default)]
@@ -94,13 +94,14 @@ impl FaultProxy {
         let host = uri.host().context("an upstream without a host")?;
         let upstream = format!("{host}:{}", uri.port_u16().unwrap_or(80));
         let address = claim_loopback_address()?;
-        let listener = match std::net::TcpListener::bind((address, 80)) {
-            Ok(listener) => listener,
-            Err(error) => {
-                release_loopback_address(address);
-                return Err(error).with_context(|| format!("binding port 80 of {address}"));
-            }
-        };
+        // The address is given back on drop, or here if the proxy does not start.
+        FaultProxy::serve(address, upstream).inspect_err(|_| release_loopback_address(address))
+    }
+
+    /// Listens on port 80 of `address` and forwards to `upstream` (`HOST:PORT`).
+    fn serve(address: Ipv4Addr, upstream: String) -> Result<FaultProxy> {
+        let listener = std::net::TcpListener::bind((address, 80))
+            .with_context(|| format!("binding port 80 of {address}"))?;
         listener.set_nonblocking(true)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
