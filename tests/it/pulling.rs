@@ -113,11 +113,16 @@ async fn end_outage(proxy: &TcpProxy, worker: &WorkerProcess, within: Duration) 
     };
     let before = reopens()?;
     proxy.restore_http1();
-    let reopened = wait_for("the worker to reopen its pull", within, || async {
-        Ok((reopens()? > before).then_some(()))
-    })
-    .await
-    .is_ok();
+    let deadline = tokio::time::Instant::now() + within;
+    let reopened = loop {
+        if reopens()? > before {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     proxy.restore();
     Ok(reopened)
 }
