@@ -14,64 +14,41 @@ use crate::env::PROJECT;
 use crate::http::{client, encode, parse_json, send};
 
 /// Metadata of one object, as the JSON API reports it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ObjectInfo {
     /// Object name.
     pub name: String,
-    /// Size in bytes.
+    /// Size in bytes (a decimal string in the API).
+    #[serde(deserialize_with = "decimal")]
     pub size: u64,
     /// CRC32C, base64 of the big-endian u32 (compare with [`crc32c_base64`]).
+    #[serde(default)]
     pub crc32c: String,
     /// MD5, base64 (absent for composite objects on real GCS).
+    #[serde(rename = "md5Hash")]
     pub md5: Option<String>,
     /// Generation, a decimal string.
+    #[serde(default)]
     pub generation: String,
     /// Custom metadata.
+    #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     /// Storage class.
     pub storage_class: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawObject {
-    name: String,
-    size: String,
-    #[serde(default)]
-    crc32c: String,
-    md5_hash: Option<String>,
-    #[serde(default)]
-    generation: String,
-    #[serde(default)]
-    metadata: BTreeMap<String, String>,
-    storage_class: Option<String>,
-}
-
-impl TryFrom<RawObject> for ObjectInfo {
-    type Error = anyhow::Error;
-
-    fn try_from(raw: RawObject) -> Result<ObjectInfo> {
-        let size = raw
-            .size
-            .parse()
-            .with_context(|| format!("object {}: size {:?}", raw.name, raw.size))?;
-        Ok(ObjectInfo {
-            name: raw.name,
-            size,
-            crc32c: raw.crc32c,
-            md5: raw.md5_hash,
-            generation: raw.generation,
-            metadata: raw.metadata,
-            storage_class: raw.storage_class,
-        })
-    }
+/// A number that the JSON API sends as a decimal string (int64 fields).
+fn decimal<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(serde::de::Error::custom)
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ObjectList {
     #[serde(default)]
-    items: Vec<RawObject>,
+    items: Vec<ObjectInfo>,
     next_page_token: Option<String>,
 }
 
@@ -151,7 +128,7 @@ impl GcsRest {
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(bytes.to_vec());
         let (_, body) = send(request, &what, &[]).await?;
-        parse_json::<RawObject>(&body, &what)?.try_into()
+        parse_json(&body, &what)
     }
 
     /// Metadata of `bucket/name`, or `None` when the object (or the bucket) does
@@ -162,7 +139,7 @@ impl GcsRest {
         if status == 404 {
             return Ok(None);
         }
-        Ok(Some(parse_json::<RawObject>(&body, &what)?.try_into()?))
+        parse_json(&body, &what).map(Some)
     }
 
     /// All objects of `bucket` whose names start with `prefix` (`""` for all),
@@ -183,9 +160,7 @@ impl GcsRest {
             }
             let (_, body) = send(self.http.get(url), &what, &[]).await?;
             let page: ObjectList = parse_json(&body, &what)?;
-            for raw in page.items {
-                objects.push(ObjectInfo::try_from(raw)?);
-            }
+            objects.extend(page.items);
             match page.next_page_token {
                 Some(token) if !token.is_empty() => page_token = Some(token),
                 _ => return Ok(objects),
