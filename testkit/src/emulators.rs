@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -98,13 +98,10 @@ impl PubsubEmulator {
             // leaves the JVM running), and another emulator may answer on that
             // port: only its own "Server started" line proves that it listens.
             let started = format!("Server started, listening on {port}");
-            let (addr, host) = (
-                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                format!("127.0.0.1:{port}"),
-            );
+            let url = format!("http://127.0.0.1:{port}/");
             let ready = process.wait_ready(Some("java.net.BindException"), |log| {
                 log.contains(&started)
-                    && matches!(probe_get(addr, &host, "/"), Ok((200, body)) if body.contains("Ok"))
+                    && matches!(probe_get(url.clone()), Some((200, body)) if body.contains("Ok"))
             });
             match ready {
                 Ok(()) => {
@@ -268,11 +265,9 @@ impl FakeGcs {
         let log = log_dir().join(format!("fake-gcs-{host}.log"));
         let what = format!("fake-gcs-server on {host}");
         let mut process = Supervised::spawn(&what, &binary, &args, &[], &log).map_err(StartFailure::fatal)?;
-        let addr = SocketAddr::from((self.address, 80));
+        let url = format!("http://{host}/storage/v1/b");
         // fake-gcs exits (status 1) when its address is taken.
-        match process.wait_ready(None, |_| {
-            matches!(probe_get(addr, &host, "/storage/v1/b"), Ok((200, _)))
-        }) {
+        match process.wait_ready(None, |_| matches!(probe_get(url.clone()), Some((200, _)))) {
             Ok(()) => {
                 self.process = Some(process);
                 Ok(())

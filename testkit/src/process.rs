@@ -9,11 +9,10 @@
 //!
 //! Nothing here is bound to a tokio runtime (each `#[tokio::test]` has its
 //! own): processes are spawned with `std::process` and readiness is probed
-//! with `std::net`.
+//! from a thread of its own ([`probe_get`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -255,47 +254,26 @@ pub fn log_tail(path: &Path) -> String {
     }
 }
 
-/// A minimal blocking HTTP GET over std::net, for readiness probes: the status
-/// and the body as far as it was read (the Pub/Sub emulator ignores
-/// `Connection: close`, so reading stops after `content-length` bytes, at EOF
-/// or at the read timeout).
-pub(crate) fn probe_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-    let mut response = Vec::new();
-    let mut buffer = [0u8; 4096];
-    loop {
-        let read = match stream.read(&mut buffer) {
-            Ok(read) => read,
-            Err(e) if response.is_empty() => return Err(e),
-            Err(_) => 0,
-        };
-        response.extend_from_slice(&buffer[..read]);
-        let text = String::from_utf8_lossy(&response);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head.lines().find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.trim()
-                    .eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse::<usize>().ok())?
-            });
-            if read == 0 || length.is_some_and(|length| body.len() >= length) {
-                let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok());
-                return Ok((
-                    status.ok_or_else(|| invalid("no http status line"))?,
-                    body.to_string(),
-                ));
-            }
-        }
-        if read == 0 {
-            return Err(invalid("incomplete http response"));
-        }
-    }
+/// `GET url` for readiness probes: the status and the body, `None` when there
+/// is no answer. Blocking, and bound to no caller's runtime: the request runs
+/// on a thread and a runtime of its own.
+pub(crate) fn probe_get(url: String) -> Option<(u16, String)> {
+    let probe = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        runtime.block_on(async {
+            let response = crate::http::client()
+                .get(url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .ok()?;
+            Some((response.status().as_u16(), response.text().await.ok()?))
+        })
+    });
+    probe.join().ok().flatten()
 }
 
 #[cfg(test)]
