@@ -127,11 +127,6 @@ impl PubsubEmulator {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// The id of the process group the emulator runs in.
-    pub fn process_group(&self) -> Option<u32> {
-        self.process.as_ref().map(Supervised::process_group)
-    }
-
     /// The emulator's log file (stdout and stderr).
     pub fn log(&self) -> PathBuf {
         log_dir().join(format!("pubsub-{}.log", self.port))
@@ -282,11 +277,6 @@ impl FakeGcs {
     /// Base URL, `http://127.0.0.X` (port 80, so no port in the URL).
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address)
-    }
-
-    /// The id of the process group the server runs in, while it runs.
-    pub fn process_group(&self) -> Option<u32> {
-        self.process.as_ref().map(Supervised::process_group)
     }
 
     /// Kills the server (SIGKILL, like a crash) and waits for it to exit.

@@ -216,11 +216,6 @@ impl Supervised {
         StartFailure { error, retryable }
     }
 
-    /// The service's process group (it leads its own).
-    pub(crate) fn process_group(&self) -> u32 {
-        self.child.id()
-    }
-
     /// SIGKILLs the service and its watchdog and reaps both.
     pub(crate) fn kill(mut self) -> Result<()> {
         // kill() fails only when the child had already exited, which is fine.
