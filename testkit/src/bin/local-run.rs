@@ -31,14 +31,6 @@ const BUCKET: &str = "audio-archive";
 const WATCH_SUBSCRIPTION: &str = "audio-stored-watch";
 const WAIT: Duration = Duration::from_secs(60);
 
-/// What this run started, for the cleanup.
-#[derive(Default)]
-struct Started {
-    pubsub: Option<PubsubEmulator>,
-    gcs: Option<FakeGcs>,
-    worker: Option<WorkerProcess>,
-}
-
 fn step(text: &str) {
     println!("==> {text}");
 }
@@ -63,22 +55,23 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let mut started = Started::default();
+    // The worker outlives `demo` when it fails or is interrupted, to be stopped gracefully
+    // here; the emulators are `demo`'s and stop with it.
+    let mut worker = None;
     let outcome = tokio::select! {
-        outcome = demo(&mut started, &binary, run_dir.path()) => outcome,
+        outcome = demo(&mut worker, &binary, run_dir.path()) => outcome,
         name = interrupted() => Err(anyhow!("interrupted ({name}): stopping everything this run started")),
     };
     if let Err(error) = &outcome {
         eprintln!("error: {error:#}");
     }
-    if let Some(mut worker) = started.worker.take() {
+    if let Some(mut worker) = worker.take() {
         // Ctrl-C reached the worker too (same process group); SIGTERM covers the rest.
         let _ = worker.signal("-TERM").await;
         if worker.exit_code(Duration::from_secs(40)).await.is_err() {
             eprintln!("    the worker did not stop within 40 s; killing it");
         }
     }
-    drop(started);
     if keep {
         eprintln!("    kept the run directory: {}", run_dir.keep().display());
     } else if outcome.is_err() {
@@ -102,7 +95,7 @@ async fn interrupted() -> &'static str {
     }
 }
 
-async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()> {
+async fn demo(worker: &mut Option<WorkerProcess>, binary: &Path, run_dir: &Path) -> Result<()> {
     ensure!(
         binary.exists(),
         "{} is missing: run `cargo build --bin audio-store`",
@@ -115,9 +108,8 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
 
     step("starting the Pub/Sub emulator and fake-gcs-server on loopback");
     let pubsub = tokio::task::spawn_blocking(PubsubEmulator::start).await??;
-    let pubsub_endpoint = started.pubsub.insert(pubsub).endpoint();
     let gcs = tokio::task::spawn_blocking(FakeGcs::start_memory).await??;
-    let gcs_endpoint = started.gcs.insert(gcs).endpoint();
+    let (pubsub_endpoint, gcs_endpoint) = (pubsub.endpoint(), gcs.endpoint());
     info(&format!(
         "Pub/Sub emulator {pubsub_endpoint}, fake-gcs-server {gcs_endpoint} (port 80)"
     ));
@@ -167,13 +159,11 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
 
     step("starting the worker: audio-store run (log: worker.log), waiting for GET /readyz 200");
     let log = run_dir.join("worker.log");
-    let worker = started
-        .worker
-        .insert(WorkerProcess::spawn(binary, &environment, &log)?);
-    let ready = worker.wait_ready(WAIT).await?.as_secs_f64();
+    let running = worker.insert(WorkerProcess::spawn(binary, &environment, &log)?);
+    let ready = running.wait_ready(WAIT).await?.as_secs_f64();
     info(&format!(
         "ready after {ready:.1} s (http://127.0.0.1:{})",
-        worker.port
+        running.port
     ));
 
     step("audio-store publish (one \"audio processed\" message)");
@@ -235,7 +225,7 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
     info("empty: the worker removed night-drive.wav and cover.png after storing them");
 
     step("stopping the worker (SIGTERM, graceful shutdown) and the emulators");
-    let mut worker = started.worker.take().context("the worker runs")?;
+    let mut worker = worker.take().context("the worker runs")?;
     worker.signal("-TERM").await?;
     let code = worker.exit_code(Duration::from_secs(40)).await?;
     ensure!(
@@ -248,8 +238,7 @@ async fn demo(started: &mut Started, binary: &Path, run_dir: &Path) -> Result<()
         "exited with status 0; its last log line: {}",
         last["message"]
     ));
-    started.gcs.take();
-    started.pubsub.take();
+    drop((gcs, pubsub));
     step("done");
     Ok(())
 }
