@@ -247,7 +247,8 @@ pub enum LogFormat {
 pub struct LogSettings {
     /// Output format.
     pub format: LogFormat,
-    /// A valid `tracing_subscriber::EnvFilter` directive.
+    /// The log filter in effect, a valid `tracing_subscriber::EnvFilter` directive:
+    /// `RUST_LOG` when it is set and not empty, else `log.level`.
     pub level: String,
 }
 

@@ -381,6 +381,22 @@ fn the_effective_configuration_loads_back_to_the_same_values() -> Result<(), Box
 }
 
 #[test]
+fn rust_log_replaces_log_level_and_check_config_shows_the_filter_in_effect() -> Result<(), ConfigError> {
+    let file_level = with(minimal(), "AUDIO_STORE__LOG__LEVEL", "warn");
+    assert_eq!(Settings::load(None, &file_level)?.log.level, "warn");
+    let overridden = Settings::load(None, &with(file_level.clone(), "RUST_LOG", "audio_store=debug"))?;
+    assert_eq!(overridden.log.level, "audio_store=debug");
+    let effective = overridden.effective_toml();
+    assert!(effective.contains("level = \"audio_store=debug\""), "{effective}");
+    // An empty RUST_LOG is not set.
+    assert_eq!(
+        Settings::load(None, &with(file_level, "RUST_LOG", ""))?.log.level,
+        "warn"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_table_key_set_from_the_environment_says_it_belongs_in_the_file() {
     let error = Settings::load(None, &with(minimal(), "AUDIO_STORE__STORAGE__LIFECYCLE", "x"))
         .expect_err("lifecycle rules are tables");

@@ -232,14 +232,16 @@ impl Settings {
             }
         };
         check_log_filter("log.level", &raw.log.level)?;
-        // `RUST_LOG` replaces `log.level` (see `telemetry::init`): a bad one would silence every log line.
-        if let Some(directives) = environment.get("RUST_LOG").filter(|text| !text.is_empty()) {
-            check_log_filter("RUST_LOG", directives)?;
-        }
-        let log = LogSettings {
-            format,
-            level: raw.log.level.clone(),
+        // `RUST_LOG`, when set and not empty, replaces `log.level`: the settings (and so
+        // check-config) hold the filter in effect. A bad one would silence every log line.
+        let level = match environment.get("RUST_LOG").filter(|text| !text.is_empty()) {
+            Some(directives) => {
+                check_log_filter("RUST_LOG", directives)?;
+                directives.clone()
+            }
+            None => raw.log.level.clone(),
         };
+        let log = LogSettings { format, level };
 
         let telemetry = TelemetrySettings {
             otlp_traces: otlp_traces("telemetry.otlp_endpoint", &raw.telemetry.otlp_endpoint)?,

@@ -56,15 +56,11 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber: `log.format` and `log.level` to stderr
-/// (`RUST_LOG`, when set and not empty, replaces `log.level`), and the span export when
-/// `telemetry.otlp_endpoint` is set. Must be called inside the runtime.
+/// Installs the global subscriber: `log.format` and the filter in effect (`log.level`, or
+/// `RUST_LOG` when it is set, see [`LogSettings`](crate::config::LogSettings)) to stderr,
+/// and the span export when `telemetry.otlp_endpoint` is set. Must be called inside the runtime.
 pub fn init(settings: &Settings) -> Result<Telemetry, ConfigError> {
     let log = &settings.log;
-    let directives = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|text| !text.is_empty())
-        .unwrap_or_else(|| log.level.clone());
     let lines = match log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .fmt_fields(JsonFields::new())
@@ -78,7 +74,7 @@ pub fn init(settings: &Settings) -> Result<Telemetry, ConfigError> {
             .with_writer(std::io::stderr)
             .boxed(),
     }
-    .with_filter(logs::filter(&directives));
+    .with_filter(logs::filter(&log.level));
     let (spans, export) = match &settings.telemetry.otlp_traces {
         None => (None, None),
         Some(url) => {
