@@ -264,27 +264,24 @@ impl PubsubRest {
 
     /// Acknowledges deliveries; an empty list is a no-op.
     async fn ack(&self, subscription: &str, ack_ids: &[String]) -> Result<()> {
-        if !ack_ids.is_empty() {
-            let what = format!("acking {} message(s) on {subscription}", ack_ids.len());
-            let body = json!({ "ackIds": ack_ids });
-            self.call(&self.subscription_path(subscription), "acknowledge", &body, &what)
-                .await?;
-        }
-        Ok(())
+        let body = json!({ "ackIds": ack_ids });
+        self.on_deliveries(subscription, "acknowledge", body, ack_ids.len())
+            .await
     }
 
     /// Nacks deliveries (ack deadline 0): the emulator redelivers them at once.
     pub async fn nack(&self, subscription: &str, ack_ids: &[String]) -> Result<()> {
-        if !ack_ids.is_empty() {
-            let what = format!("nacking {} message(s) on {subscription}", ack_ids.len());
-            let body = json!({ "ackIds": ack_ids, "ackDeadlineSeconds": 0 });
-            self.call(
-                &self.subscription_path(subscription),
-                "modifyAckDeadline",
-                &body,
-                &what,
-            )
-            .await?;
+        let body = json!({ "ackIds": ack_ids, "ackDeadlineSeconds": 0 });
+        self.on_deliveries(subscription, "modifyAckDeadline", body, ack_ids.len())
+            .await
+    }
+
+    /// POSTs `body` to `subscription:verb` unless it names no delivery (`count` 0).
+    async fn on_deliveries(&self, subscription: &str, verb: &str, body: Value, count: usize) -> Result<()> {
+        if count > 0 {
+            let what = format!("{verb} of {count} message(s) on {subscription}");
+            self.call(&self.subscription_path(subscription), verb, &body, &what)
+                .await?;
         }
         Ok(())
     }
