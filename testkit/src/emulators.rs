@@ -11,9 +11,9 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 
-use crate::process::{StartFailure, Supervised, log_dir, probe_get, require_executable};
+use crate::process::{StartFailure, Supervised, log_dir, probe_get, require_executable, with_retries};
 
 /// Default location of the Pub/Sub emulator (Debian package
 /// google-cloud-cli-pubsub-emulator); `PUBSUB_EMULATOR_BIN` overrides it.
@@ -88,38 +88,30 @@ impl PubsubEmulator {
         let binary = std::env::var_os("PUBSUB_EMULATOR_BIN")
             .map_or_else(|| PathBuf::from(PUBSUB_EMULATOR_BIN), PathBuf::from);
         require_executable(&binary, "the Pub/Sub emulator")?;
-        let mut last_error = None;
-        for _attempt in 0..3 {
-            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port();
+        with_retries(3, || {
+            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|listener| listener.local_addr())
+                .context("picking a free port")?
+                .port();
             let log = log_dir().join(format!("pubsub-{port}.log"));
             let args = vec!["--host=127.0.0.1".to_string(), format!("--port={port}")];
-            let mut process = Supervised::spawn("the pubsub emulator", &binary, &args, envs, &log)?;
             // The emulator does not exit when its port is taken (a BindException
             // leaves the JVM running), and another emulator may answer on that
             // port: only its own "Server started" line proves that it listens.
             let started = format!("Server started, listening on {port}");
             let url = format!("http://127.0.0.1:{port}/");
-            let ready = process.wait_ready(Some("java.net.BindException"), |log| {
-                log.contains(&started)
-                    && matches!(probe_get(url.clone()), Some((200, body)) if body.contains("Ok"))
-            });
-            match ready {
-                Ok(()) => {
-                    return Ok(PubsubEmulator {
-                        port,
-                        process: Some(process),
-                    });
-                }
-                Err(failure) => {
-                    let _ = process.kill();
-                    if !failure.retryable {
-                        return Err(failure.error);
-                    }
-                    last_error = Some(failure.error);
-                }
-            }
-        }
-        Err(last_error.unwrap_or_else(|| anyhow!("the pubsub emulator did not start")))
+            let process = Supervised::spawn("the pubsub emulator", &binary, &args, envs, &log)?.ready(
+                Some("java.net.BindException"),
+                |log| {
+                    log.contains(&started)
+                        && matches!(probe_get(url.clone()), Some((200, body)) if body.contains("Ok"))
+                },
+            )?;
+            Ok(PubsubEmulator {
+                port,
+                process: Some(process),
+            })
+        })
     }
 
     /// Base URL, `http://127.0.0.1:PORT`.
@@ -208,27 +200,21 @@ impl FakeGcs {
     }
 
     fn start(backend: GcsBackend) -> Result<FakeGcs> {
-        let mut last_error = None;
-        for _attempt in 0..5 {
+        with_retries(5, || {
             let mut gcs = FakeGcs {
                 address: claim_loopback_address()?,
                 backend: backend.clone(),
                 process: None,
             };
-            match gcs.launch() {
-                Ok(()) => return Ok(gcs),
-                // Dropping `gcs` releases the address; another one may work
-                // (another process may have taken this one in between).
-                Err(failure) if failure.retryable => last_error = Some(failure.error),
-                Err(failure) => return Err(failure.error),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| anyhow!("fake-gcs-server did not start")))
+            // On a failure, dropping `gcs` releases the address; another one may work
+            // (another process may have taken this one in between).
+            gcs.launch().map(|()| gcs)
+        })
     }
 
     fn launch(&mut self) -> Result<(), StartFailure> {
         let binary = repository_root().join(".tools/bin/fake-gcs-server");
-        require_executable(&binary, "fake-gcs-server").map_err(StartFailure::fatal)?;
+        require_executable(&binary, "fake-gcs-server")?;
         TcpListener::bind((self.address, 80))
             .with_context(|| format!("port 80 of {} is not free", self.address))
             .map_err(|error| StartFailure {
@@ -236,18 +222,8 @@ impl FakeGcs {
                 retryable: true,
             })?;
         let host = self.address.to_string();
-        let mut args = [
-            "-scheme",
-            "http",
-            "-host",
-            &host,
-            "-port",
-            "80",
-            "-log-level",
-            "warn",
-        ]
-        .map(String::from)
-        .to_vec();
+        let flags = format!("-scheme http -host {host} -port 80 -log-level warn");
+        let mut args: Vec<String> = flags.split_whitespace().map(String::from).collect();
         match &self.backend {
             GcsBackend::Memory => args.extend(["-backend".into(), "memory".into()]),
             GcsBackend::Filesystem(root) => args.extend([
@@ -259,19 +235,12 @@ impl FakeGcs {
         }
         let log = log_dir().join(format!("fake-gcs-{host}.log"));
         let what = format!("fake-gcs-server on {host}");
-        let mut process = Supervised::spawn(&what, &binary, &args, &[], &log).map_err(StartFailure::fatal)?;
         let url = format!("http://{host}/storage/v1/b");
         // fake-gcs exits (status 1) when its address is taken.
-        match process.wait_ready(None, |_| matches!(probe_get(url.clone()), Some((200, _)))) {
-            Ok(()) => {
-                self.process = Some(process);
-                Ok(())
-            }
-            Err(failure) => {
-                let _ = process.kill();
-                Err(failure)
-            }
-        }
+        let process = Supervised::spawn(&what, &binary, &args, &[], &log)?
+            .ready(None, |_| matches!(probe_get(url.clone()), Some((200, _))))?;
+        self.process = Some(process);
+        Ok(())
     }
 
     /// Base URL, `http://127.0.0.X` (port 80, so no port in the URL).

@@ -99,13 +99,30 @@ pub(crate) struct StartFailure {
     pub(crate) retryable: bool,
 }
 
-impl StartFailure {
-    pub(crate) fn fatal(error: anyhow::Error) -> StartFailure {
+impl From<anyhow::Error> for StartFailure {
+    /// A failure that another attempt would not mend.
+    fn from(error: anyhow::Error) -> StartFailure {
         StartFailure {
             error,
             retryable: false,
         }
     }
+}
+
+/// Calls `start` up to `attempts` times, again only after a retryable failure.
+pub(crate) fn with_retries<T>(
+    attempts: usize,
+    mut start: impl FnMut() -> Result<T, StartFailure>,
+) -> Result<T> {
+    let mut last = anyhow!("no attempt to start");
+    for _attempt in 0..attempts {
+        match start() {
+            Ok(started) => return Ok(started),
+            Err(failure) if failure.retryable => last = failure.error,
+            Err(failure) => return Err(failure.error),
+        }
+    }
+    Err(last)
 }
 
 impl Supervised {
@@ -168,32 +185,37 @@ impl Supervised {
     /// Polls `ready` with what the process has logged so far until it returns
     /// true. Fails, with the log tail, when the process exits first or its log
     /// shows `failure_marker` (both retryable: most likely the address was
-    /// taken), or after [`READY_TIMEOUT`].
-    pub(crate) fn wait_ready(
-        &mut self,
+    /// taken), or after [`READY_TIMEOUT`]; the process is killed then.
+    pub(crate) fn ready(
+        mut self,
         failure_marker: Option<&str>,
         ready: impl Fn(&str) -> bool,
-    ) -> Result<(), StartFailure> {
+    ) -> Result<Supervised, StartFailure> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let exited = self.child.try_wait().map_err(|e| StartFailure::fatal(e.into()))?;
-            if let Some(status) = exited {
-                return Err(self.failure(&format!("exited ({status}) before it became ready"), true));
+        let failure = loop {
+            match self.child.try_wait() {
+                Err(error) => break StartFailure::from(anyhow::Error::from(error)),
+                Ok(Some(status)) => {
+                    break self.failure(&format!("exited ({status}) before it became ready"), true);
+                }
+                Ok(None) => {}
             }
             let log = self.own_log();
             if let Some(marker) = failure_marker
                 && log.contains(marker)
             {
-                return Err(self.failure(&format!("failed to start ({marker})"), true));
+                break self.failure(&format!("failed to start ({marker})"), true);
             }
             if ready(&log) {
-                return Ok(());
+                return Ok(self);
             }
             if Instant::now() >= deadline {
-                return Err(self.failure(&format!("did not become ready within {READY_TIMEOUT:?}"), false));
+                break self.failure(&format!("did not become ready within {READY_TIMEOUT:?}"), false);
             }
             std::thread::sleep(PROBE_INTERVAL);
-        }
+        };
+        let _ = self.kill();
+        Err(failure)
     }
 
     /// What this start wrote to the log.
