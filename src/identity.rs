@@ -47,6 +47,9 @@ impl<'a> IdentityKey<'a> {
 pub struct AudioId(Uuid);
 
 impl AudioId {
+    /// The length of its text form (a hyphenated UUID), in bytes.
+    pub const TEXT_LEN: usize = uuid::fmt::Hyphenated::LENGTH;
+
     /// The identity of the message that `key` names.
     pub fn from_key(key: IdentityKey<'_>) -> AudioId {
         let name = match key {

@@ -6,6 +6,8 @@ use std::fmt;
 
 /// Longest value a `{meta.KEY}` placeholder takes, in bytes.
 pub const MAX_META_VALUE_BYTES: usize = 128;
+/// Cloud Storage's limit on an object name, in bytes of UTF-8 (the emulator enforces none).
+pub const MAX_NAME_BYTES: usize = 1024;
 
 /// The layout users get when they configure none.
 pub const DEFAULT_LAYOUT: &str = "audio/{audio_id}/{kind}{ext}";
@@ -213,7 +215,34 @@ impl Layout {
                 });
             }
         }
+        // Each value fits, but together they may make a name Cloud Storage refuses.
+        if self.longest_name(metadata) > MAX_NAME_BYTES {
+            let longest = self
+                .meta_keys()
+                .max_by_key(|key| metadata.get(*key).map_or(0, String::len));
+            return Err(MetaValueError {
+                key: longest.unwrap_or_default().to_string(),
+                problem: "makes object names longer than 1,024 bytes",
+            });
+        }
         Ok(())
+    }
+
+    /// The longest object name `metadata` can give, whatever the kind and the extension.
+    fn longest_name(&self, metadata: &BTreeMap<String, String>) -> usize {
+        let extension = crate::content::ALL
+            .iter()
+            .map(|content| content.extension.len() + 1);
+        let segment = |segment: &Segment| match segment {
+            Segment::Literal(text) => text.len(),
+            Segment::AudioId => AudioId::TEXT_LEN,
+            Segment::Kind => Kind::Audio.as_str().len().max(Kind::Thumbnail.as_str().len()),
+            Segment::Ext => extension.clone().max().unwrap_or(0),
+            Segment::Year => 4,
+            Segment::Month | Segment::Day => 2,
+            Segment::Meta(key) => metadata.get(key).map_or(0, String::len),
+        };
+        self.segments.iter().map(segment).sum()
     }
 
     /// The metadata keys the layout uses (`{meta.KEY}`), in order.
@@ -385,6 +414,34 @@ mod tests {
             layout
                 .check_metadata(&BTreeMap::from([("user_id".into(), "x".repeat(128))]))
                 .is_ok()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn meta_values_that_together_make_a_name_over_1024_bytes_are_refused_naming_the_longest()
+    -> Result<(), LayoutError> {
+        // The adversarial tester's layout: each value fits, nine of them do not.
+        let layout = Layout::parse(&format!(
+            "{{meta.user}}/{{audio_id}}/{}/{{kind}}{{ext}}",
+            "{meta.a}".repeat(9)
+        ))?;
+        let id = AudioId::from_key(IdentityKey::MessageId("42"));
+        let with_a =
+            |a: String| BTreeMap::from([("user".to_string(), "u".to_string()), ("a".to_string(), a)]);
+        let error = layout
+            .check_metadata(&with_a("a".repeat(128)))
+            .expect_err("1,201 bytes");
+        assert_eq!(error.key, "a");
+        assert_eq!(error.problem, "makes object names longer than 1,024 bytes");
+        let rendered = layout.render(id, Kind::Audio, ".wav", date(), &with_a("é".repeat(64)));
+        assert_eq!(rendered.expect_err("two bytes each").key, "a");
+        // The longest name is a thumbnail's with a four-letter extension: 54 + 9 × len(a) bytes.
+        let name = layout.render(id, Kind::Thumbnail, ".webp", date(), &with_a("a".repeat(107)));
+        assert_eq!(name.expect("1,017 bytes fit").len(), 1017);
+        assert!(
+            layout.check_metadata(&with_a("a".repeat(108))).is_err(),
+            "1,026 bytes"
         );
         Ok(())
     }
