@@ -1,7 +1,7 @@
 //! The `audio-store` binary: parses arguments, loads the settings, starts
 //! telemetry and calls into the library.
 
-use audio_store::config::{ConfigError, Environment, Settings};
+use audio_store::config::{self, ConfigError, Settings};
 use audio_store::error::chain;
 use audio_store::publish::ProcessedMessage;
 use audio_store::replay::{self, Rate, ReplayError, ReplayOptions, Reporter};
@@ -151,8 +151,9 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    let environment: Environment = std::env::vars().collect();
-    let settings = match Settings::load(cli.config.as_deref(), &environment) {
+    let loaded = config::environment_of(std::env::vars_os())
+        .and_then(|environment| Settings::load(cli.config.as_deref(), &environment));
+    let settings = match loaded {
         Ok(settings) => settings,
         Err(error) => return Failure::Config(error).report(),
     };

@@ -264,5 +264,30 @@ pub struct TelemetrySettings {
 /// The process environment, passed in so tests can use their own.
 pub type Environment = BTreeMap<String, String>;
 
+/// Variables besides `AUDIO_STORE__*` that the configuration reads.
+const READ_VARIABLES: [&str; 3] = ["PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "RUST_LOG"];
+
+/// The [`Environment`] of `variables` (the process's: `std::env::vars_os()`).
+///
+/// A variable that is not UTF-8 is left out, unless the configuration reads it:
+/// that is an error naming it. (`std::env::vars` would panic on either.)
+pub fn environment_of(
+    variables: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Environment, ConfigError> {
+    let mut environment = Environment::new();
+    for (name, value) in variables {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => {
+                environment.insert(name, value);
+            }
+            (Ok(name), Err(_)) if name.starts_with(ENV_PREFIX) || READ_VARIABLES.contains(&name.as_str()) => {
+                return Err(ConfigError::new(name, "the value is not valid UTF-8"));
+            }
+            _ => {}
+        }
+    }
+    Ok(environment)
+}
+
 #[cfg(test)]
 mod tests;

@@ -247,8 +247,8 @@ impl RawSettings {
         let mut table = match file {
             None => toml::Table::new(),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|error| {
-                    ConfigError::new("--config", format!("cannot read {}: {error}", path.display()))
+                let text = read_file(path).map_err(|problem| {
+                    ConfigError::new("--config", format!("{}: {problem}", path.display()))
                 })?;
                 text.parse::<toml::Table>().map_err(|error| {
                     ConfigError::new(path.display().to_string(), one_line(&error.to_string()))
@@ -262,6 +262,32 @@ impl RawSettings {
         serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|error| describe_serde_error(&origin, &error))
     }
+}
+
+/// The most a configuration file may hold; it is read whole.
+const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The text of a configuration file: a regular file (not a FIFO or a device,
+/// which could block or never end) of at most [`MAX_FILE_BYTES`].
+fn read_file(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let cannot = |error: std::io::Error| format!("cannot read it: {error}");
+    // Checked before opening too: opening a FIFO waits for a writer.
+    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+        return Err("not a regular file".into());
+    }
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err("larger than 1 MiB, too large for a configuration file".into());
+    }
+    Ok(text)
 }
 
 /// A value of the wrong shape, named by its key (`pubsub.event_type`), or by

@@ -102,6 +102,40 @@ async fn check_config_exits_2_with_one_line_naming_the_bad_key() -> anyhow::Resu
 }
 
 #[tokio::test]
+async fn a_non_utf8_variable_is_ignored_unless_read_and_a_config_that_is_not_a_file_exits_2()
+-> anyhow::Result<()> {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt as _;
+    let env = TestEnv::new();
+    let check = |extra: (&str, OsString)| {
+        std::process::Command::new(BINARY)
+            .arg("check-config")
+            .env_clear()
+            .envs(environment(&env, &[]))
+            .env(extra.0, extra.1)
+            .output()
+    };
+    let bad = || OsString::from_vec(vec![b'x', 0xff]);
+    let ignored = check(("SOME_OTHER_TOOL", bad()))?;
+    assert_eq!(ignored.status.code(), Some(0), "{}", text(&ignored.stderr));
+    for (name, value, key) in [
+        (
+            "AUDIO_STORE__WORKER__CONCURRENCY",
+            bad(),
+            "AUDIO_STORE__WORKER__CONCURRENCY",
+        ),
+        ("AUDIO_STORE_CONFIG", OsString::from("/dev/zero"), "--config"),
+    ] {
+        let refused = check((name, value))?;
+        let stderr = text(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{name}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(key), "{stderr}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn setup_and_publish_without_pubsub_topic_exit_2_naming_it_once() -> anyhow::Result<()> {
     let env = TestEnv::new();
     let mut environment = environment(&env, &[]);
