@@ -41,7 +41,8 @@ pub enum LocalContent {
     Open(tokio::fs::File),
 }
 
-/// Which file a directory entry named, and in which state: device, inode, size and modification time.
+/// Which file a directory entry named, and in which state: device, inode, size, and the
+/// modification and change times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileIdentity {
     /// The device of the file system.
@@ -52,6 +53,9 @@ pub struct FileIdentity {
     pub size: u64,
     /// Modification time: seconds and nanoseconds since the epoch.
     pub modified: (i64, i64),
+    /// Status change time, likewise: a writer can set the modification time back
+    /// (`touch -d`, `cp -p`, `rsync --inplace`), not this one.
+    pub changed: (i64, i64),
 }
 
 impl FileIdentity {
@@ -61,6 +65,15 @@ impl FileIdentity {
             inode: metadata.ino(),
             size: metadata.size(),
             modified: (metadata.mtime(), metadata.mtime_nsec()),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+
+    /// The identity with the change time left out (zero).
+    pub(super) fn but_change_time(self) -> FileIdentity {
+        FileIdentity {
+            changed: (0, 0),
+            ..self
         }
     }
 
@@ -78,8 +91,14 @@ impl fmt::Display for FileIdentity {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             formatter,
-            "inode {}:{}, {} bytes, modified {}.{:09}",
-            self.device, self.inode, self.size, self.modified.0, self.modified.1
+            "inode {}:{}, {} bytes, modified {}.{:09}, changed {}.{:09}",
+            self.device,
+            self.inode,
+            self.size,
+            self.modified.0,
+            self.modified.1,
+            self.changed.0,
+            self.changed.1
         )
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub enum KeptReason {
     /// Its name now refers to another file (renamed over, recreated).
     Replaced,
-    /// The same file, but its size or modification time changed since it was read.
+    /// The same file, but its size, modification or change time differs from when it was read.
     Changed,
 }
 
@@ -82,7 +82,7 @@ impl SpoolEntry {
     }
 
     /// Removes the entry if it still is the very file that was read, with the
-    /// same size and modification time; otherwise leaves it. Blocking.
+    /// same size, modification and change times; otherwise leaves it. Blocking.
     ///
     /// The name is checked first, and another file found there is left alone,
     /// never renamed: while renamed aside it would have no name, and its own
@@ -121,8 +121,9 @@ impl SpoolEntry {
             }
         };
         // Checked again after the rename: a directory moved out meanwhile keeps its file.
+        // The rename itself set the change time, which the check before it compared.
         let in_place = self.directory_in_place();
-        if found == self.identity && in_place {
+        if found.but_change_time() == self.identity.but_change_time() && in_place {
             rustix::fs::unlinkat(directory, &aside, AtFlags::empty())?;
             return Ok(Removal::Removed);
         }

@@ -261,6 +261,42 @@ async fn a_file_written_to_after_it_was_read_is_stored_as_read_and_not_deleted()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_in_place_with_its_modification_time_set_back_is_stored_as_read_and_kept()
+-> anyhow::Result<()> {
+    let gcs = FakeGcs::start_memory()?;
+    let proxy = FaultProxy::start(&gcs.endpoint())?;
+    let env = TestEnv::with_gcs(&gcs.endpoint());
+    env.create_resources().await?;
+    let (worker, requests) = worker_behind_a_proxy(&env, &proxy).await?;
+    let original = sample_wav(2_000);
+    let path = env.spool_file("rewritten.wav", &original);
+    let modified = std::fs::metadata(&path)?.modified()?;
+    publish_and_wait_for_the_upload(&env, &proxy, requests, &path, "rewritten").await?;
+    // Same size, same modification time (as `cp -p` or `rsync --inplace` leave it):
+    // only the change time, which no writer can set, tells the new content apart.
+    let rewritten = sample_wav(2_001)[..original.len()].to_vec();
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    file.write_all(&rewritten)?;
+    file.set_modified(modified)?;
+    drop(file);
+    let event = next_event(&env).await?;
+    let metrics = worker.health.metrics.clone();
+    worker.stop().await?;
+    assert_eq!(
+        event["audio"]["crc32c"],
+        crc32c_base64(&original),
+        "what was read"
+    );
+    assert_eq!(
+        std::fs::read(&path)?,
+        rewritten,
+        "the new content is kept, not deleted"
+    );
+    assert_eq!(metrics.sources_kept(KeptReason::Changed), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_id_under_other_names_and_a_symlink_gives_one_object_set_and_no_dead_letter() -> anyhow::Result<()>
 {
     let env = TestEnv::new();
