@@ -353,10 +353,14 @@ enum ProbeInput {
 /// failed read a transient failure.
 async fn probe(kind: Kind, source: &Source, input: ProbeInput, size: u64) -> Result<Probed<Media>, Failure> {
     let class = media_class(kind);
-    let probed = tokio::task::spawn_blocking(move || match input {
-        ProbeInput::Bytes(bytes) => media::probe(class, std::io::Cursor::new(bytes), size),
-        ProbeInput::File(file) => media::probe(class, file, size),
-        ProbeInput::Object(reader) => media::probe(class, *reader, size),
+    // In the message's span, so that what the demuxers log says which message it is about.
+    let span = tracing::Span::current();
+    let probed = tokio::task::spawn_blocking(move || {
+        span.in_scope(|| match input {
+            ProbeInput::Bytes(bytes) => media::probe(class, std::io::Cursor::new(bytes), size),
+            ProbeInput::File(file) => media::probe(class, file, size),
+            ProbeInput::Object(reader) => media::probe(class, *reader, size),
+        })
     })
     .await
     .map_err(|error| {

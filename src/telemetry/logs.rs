@@ -14,8 +14,8 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields};
 use tracing_subscriber::layer::Filter;
 use tracing_subscriber::registry::LookupSpan;
 
-/// What the log lines show: the events `directives` (a validated filter) and
-/// [`super::QUIET_TARGETS`] let through, inside every span of the worker
+/// What the log lines show: the events `directives` (a validated filter),
+/// [`super::QUIET_TARGETS`] and [`super::QUIET_UNLESS_NAMED`] let through, inside every span of the worker
 /// whatever the level, so that a WARN line of a message still says which
 /// message it is and which trace it belongs to (with `log.level = "warn"` the
 /// INFO message span would otherwise be gone from it).
@@ -23,6 +23,11 @@ pub(super) fn filter<S: Subscriber + for<'a> LookupSpan<'a>>(directives: &str) -
     let mut filter = EnvFilter::new(directives);
     for directive in super::QUIET_TARGETS {
         filter = filter.add_directive(directive.parse().expect("a valid directive"));
+    }
+    for (target, directive) in super::QUIET_UNLESS_NAMED {
+        if !directives.contains(target) {
+            filter = filter.add_directive(directive.parse().expect("a valid directive"));
+        }
     }
     // Decided once per callsite (from static metadata), so it costs nothing per event.
     let worker_spans = filter_fn(|metadata| {
@@ -261,6 +266,15 @@ mod tests {
         assert_eq!(lines[0]["message"], "dead-lettered");
         assert_eq!(lines[0]["span"]["message_id"], "m-2");
         assert_eq!(lines[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn symphonia_is_quiet_unless_the_level_names_it() {
+        let body = || tracing::error!(target: "symphonia_core::formats::probe", "probe reached EOF");
+        assert!(logged_at("info", "demo", body).is_empty());
+        let named = logged_at("info,symphonia_core=error", "demo", body);
+        assert_eq!(named.len(), 1, "{named:?}");
+        assert_eq!(named[0]["message"], "probe reached EOF");
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub(crate) const QUIET_TARGETS: [&str; 10] = [
     "opentelemetry_otlp=error",
 ];
 
+/// Targets kept quiet unless `log.level` names them: symphonia logs each file it
+/// cannot read as an ERROR of its own, which the worker already reports (the
+/// message is `bad_content`, with the reason) at the level it deserves.
+pub(crate) const QUIET_UNLESS_NAMED: [(&str, &str); 1] = [("symphonia", "symphonia=off")];
+
 /// Longest wait for the last spans at exit.
 const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -121,7 +126,8 @@ mod tests {
 
     #[test]
     fn every_quiet_target_is_a_valid_directive() {
-        for directive in QUIET_TARGETS {
+        let unless_named = QUIET_UNLESS_NAMED.map(|(_, directive)| directive);
+        for directive in QUIET_TARGETS.iter().chain(&unless_named) {
             assert!(
                 directive.parse::<tracing_subscriber::filter::Directive>().is_ok(),
                 "{directive}"
