@@ -32,15 +32,23 @@ pub(super) fn otlp_traces(key: &str, endpoint: &str) -> Result<Option<reqwest::U
 }
 
 /// `url` as an error may show it: anything before an `@` in its authority
-/// (a user name and password) replaced by `REDACTED`, even when it does not parse.
+/// (a user name and password) and its query (which may hold a token) replaced
+/// by `REDACTED`, even when it does not parse.
 pub(super) fn without_credentials(url: &str) -> String {
+    let url = match url.split_once('?') {
+        Some((before, query)) => {
+            let fragment = query.find('#').map_or("", |at| &query[at..]);
+            format!("{before}?REDACTED{fragment}")
+        }
+        None => url.to_string(),
+    };
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        return url;
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {
         Some(at) => format!("{scheme}://REDACTED{}", &rest[at..]),
-        None => url.to_string(),
+        None => url.clone(),
     }
 }
 

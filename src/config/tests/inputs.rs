@@ -1,4 +1,5 @@
-//! What the configuration reads besides keys: variables that are not UTF-8, and files that are not configuration files.
+//! What the configuration reads besides keys (variables that are not UTF-8, files that are not
+//! configuration files), and what it shows of URLs.
 
 use super::*;
 
@@ -45,4 +46,34 @@ fn a_config_file_that_is_not_a_regular_file_or_over_1_mib_is_refused_without_rea
         assert_eq!(error.key, "--config");
         assert_eq!(error.problem, format!("{}: {problem}", path.display()));
     }
+}
+
+#[test]
+fn a_url_shown_in_an_error_or_by_check_config_hides_its_credentials_and_its_query() {
+    let refused = "https://user:secret@otel:4318/v1/traces?token=abc#top";
+    let error = Settings::load(
+        None,
+        &with(minimal(), "AUDIO_STORE__TELEMETRY__OTLP_ENDPOINT", refused),
+    )
+    .expect_err("a query is refused");
+    assert!(
+        !error.problem.contains("secret") && !error.problem.contains("abc"),
+        "{error}"
+    );
+    assert!(
+        error
+            .problem
+            .contains("https://REDACTED@otel:4318/v1/traces?REDACTED#top"),
+        "{error}"
+    );
+    let accepted = with(
+        minimal(),
+        "AUDIO_STORE__PUBSUB__ENDPOINT",
+        "http://pubsub:8085/?key=abc",
+    );
+    let effective = Settings::load(None, &accepted).expect("valid").effective_toml();
+    assert!(
+        effective.contains("endpoint = \"http://pubsub:8085/?REDACTED\""),
+        "{effective}"
+    );
 }
