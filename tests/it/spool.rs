@@ -159,16 +159,23 @@ async fn a_spool_directory_swapped_with_a_symlink_in_a_loop_never_exposes_a_file
     Ok(())
 }
 
-/// A worker whose storage requests go through a fault proxy, ready, with the proxy's request count then.
-async fn worker_behind_a_proxy(env: &TestEnv, proxy: &FaultProxy) -> anyhow::Result<(Worker, u64)> {
+/// Fresh resources on a fake-gcs of their own (kept running until the test ends),
+/// a fault proxy in front of it, and a worker whose storage requests go through
+/// the proxy, ready; the proxy's request count then.
+async fn worker_behind_a_proxy() -> anyhow::Result<(TestEnv, FaultProxy, Worker, u64, FakeGcs)> {
+    let gcs = FakeGcs::start_memory()?;
+    let proxy = FaultProxy::start(&gcs.endpoint())?;
+    let env = TestEnv::with_gcs(&gcs.endpoint());
+    env.create_resources().await?;
     let endpoint = proxy.endpoint();
-    let worker = Worker::start(settings(env, &[("STORAGE_EMULATOR_HOST", &endpoint)])?);
+    let worker = Worker::start(settings(&env, &[("STORAGE_EMULATOR_HOST", &endpoint)])?);
     let health = worker.health.clone();
     wait_for("the worker ready", TIMEOUT, || async {
         Ok(health.is_ready().then_some(()))
     })
     .await?;
-    Ok((worker, proxy.stats().requests))
+    let requests = proxy.stats().requests;
+    Ok((env, proxy, worker, requests, gcs))
 }
 
 /// Publishes `path` as message `id` and returns once its upload reached the
@@ -193,11 +200,7 @@ async fn publish_and_wait_for_the_upload(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_renamed_over_the_source_during_its_upload_is_kept_and_stored_by_its_own_message()
 -> anyhow::Result<()> {
-    let gcs = FakeGcs::start_memory()?;
-    let proxy = FaultProxy::start(&gcs.endpoint())?;
-    let env = TestEnv::with_gcs(&gcs.endpoint());
-    env.create_resources().await?;
-    let (worker, requests) = worker_behind_a_proxy(&env, &proxy).await?;
+    let (env, proxy, worker, requests, _gcs) = worker_behind_a_proxy().await?;
     let (old, new) = (sample_wav(2_000), sample_wav(3_000));
     let path = env.spool_file("track.wav", &old);
     publish_and_wait_for_the_upload(&env, &proxy, requests, &path, "old-take").await?;
@@ -234,11 +237,7 @@ async fn a_file_renamed_over_the_source_during_its_upload_is_kept_and_stored_by_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_written_to_after_it_was_read_is_stored_as_read_and_not_deleted() -> anyhow::Result<()> {
-    let gcs = FakeGcs::start_memory()?;
-    let proxy = FaultProxy::start(&gcs.endpoint())?;
-    let env = TestEnv::with_gcs(&gcs.endpoint());
-    env.create_resources().await?;
-    let (worker, requests) = worker_behind_a_proxy(&env, &proxy).await?;
+    let (env, proxy, worker, requests, _gcs) = worker_behind_a_proxy().await?;
     let first_part = sample_wav(2_000);
     let path = env.spool_file("growing.wav", &first_part);
     publish_and_wait_for_the_upload(&env, &proxy, requests, &path, "growing").await?;
@@ -263,11 +262,7 @@ async fn a_file_written_to_after_it_was_read_is_stored_as_read_and_not_deleted()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_rewritten_in_place_with_its_modification_time_set_back_is_stored_as_read_and_kept()
 -> anyhow::Result<()> {
-    let gcs = FakeGcs::start_memory()?;
-    let proxy = FaultProxy::start(&gcs.endpoint())?;
-    let env = TestEnv::with_gcs(&gcs.endpoint());
-    env.create_resources().await?;
-    let (worker, requests) = worker_behind_a_proxy(&env, &proxy).await?;
+    let (env, proxy, worker, requests, _gcs) = worker_behind_a_proxy().await?;
     let original = sample_wav(2_000);
     let path = env.spool_file("rewritten.wav", &original);
     let modified = std::fs::metadata(&path)?.modified()?;
@@ -415,11 +410,7 @@ async fn source_uri_metadata_is_an_encoded_file_uri_and_the_event_echoes_the_sou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_cut_short_while_it_streams_leaves_no_corrupt_object_and_is_kept() -> anyhow::Result<()> {
-    let gcs = FakeGcs::start_memory()?;
-    let proxy = FaultProxy::start(&gcs.endpoint())?;
-    let env = TestEnv::with_gcs(&gcs.endpoint());
-    env.create_resources().await?;
-    let (worker, _) = worker_behind_a_proxy(&env, &proxy).await?;
+    let (env, proxy, worker, _, _gcs) = worker_behind_a_proxy().await?;
     let path = env.spool_path("cut.wav");
     write_wav(&path, 12 * 1024 * 1024, 5)?;
     proxy.set_upload_rate(Some(2 * 1024 * 1024));
