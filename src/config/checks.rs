@@ -9,7 +9,7 @@ pub(super) fn otlp_traces(key: &str, endpoint: &str) -> Result<Option<reqwest::U
     if endpoint.is_empty() {
         return Ok(None);
     }
-    let shown = without_credentials(endpoint);
+    let shown = redacted_url(endpoint);
     let mut url = reqwest::Url::parse(endpoint)
         .map_err(|error| ConfigError::new(key, format!("not a URL ({error}): {shown:?}")))?;
     if !matches!(url.scheme(), "http" | "https")
@@ -34,7 +34,7 @@ pub(super) fn otlp_traces(key: &str, endpoint: &str) -> Result<Option<reqwest::U
 /// `url` as an error may show it: anything before an `@` in its authority
 /// (a user name and password) and its query (which may hold a token) replaced
 /// by `REDACTED`, even when it does not parse.
-pub(super) fn without_credentials(url: &str) -> String {
+pub(super) fn redacted_url(url: &str) -> String {
     let url = match url.split_once('?') {
         Some((before, query)) => {
             let fragment = query.find('#').map_or("", |at| &query[at..]);

@@ -85,7 +85,7 @@ impl Settings {
                     .telemetry
                     .otlp_traces
                     .as_ref()
-                    .map(|url| checks::without_credentials(url.as_str()))
+                    .map(|url| checks::redacted_url(url.as_str()))
                     .unwrap_or_default(),
                 sample_ratio: self.telemetry.sample_ratio,
             },

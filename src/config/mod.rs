@@ -101,7 +101,7 @@ impl Endpoint {
             format!("http://{value}")
         };
         let url = url.trim_end_matches('/').to_string();
-        let shown = checks::without_credentials(&url);
+        let shown = checks::redacted_url(&url);
         let parsed = reqwest::Url::parse(&url)
             .map_err(|error| ConfigError::new(&key, format!("not a URL ({error}): {shown:?}")))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
@@ -118,7 +118,7 @@ impl Endpoint {
     pub fn redacted(&self) -> String {
         match self {
             Endpoint::Google => String::new(),
-            Endpoint::Custom { url, .. } => checks::without_credentials(url),
+            Endpoint::Custom { url, .. } => checks::redacted_url(url),
         }
     }
 }
