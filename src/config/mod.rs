@@ -114,7 +114,7 @@ impl Endpoint {
         Ok(Endpoint::Custom { url, emulator })
     }
 
-    /// The URL with any user information replaced, for printing; empty for Google's.
+    /// The URL with any user information and query replaced, for printing; empty for Google's.
     pub fn redacted(&self) -> String {
         match self {
             Endpoint::Google => String::new(),
