@@ -111,6 +111,38 @@ async fn a_metadata_value_that_cannot_be_a_name_segment_is_an_invalid_message_an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_that_would_make_a_name_over_1024_bytes_is_an_invalid_message_and_nothing_moves()
+-> anyhow::Result<()> {
+    // fake-gcs takes any name; Cloud Storage refuses one over 1,024 bytes.
+    let env = TestEnv::new();
+    env.create_resources().await?;
+    let layout = format!("{}/{{audio_id}}/{{kind}}{{ext}}", "{meta.part}".repeat(8));
+    let worker = Worker::start(settings(&env, &[("AUDIO_STORE__STORAGE__LAYOUT", &layout)])?);
+    let audio = env.spool_file("long-name.wav", &sample_wav(900));
+    let metadata = json!({"part": "p".repeat(128)});
+    let data = json!({"audio": audio, "id": "long-name", "metadata": metadata});
+    env.pubsub.publish_json(&env.topic, &data, &[]).await?;
+    let dead = env
+        .pubsub
+        .collect(&env.dead_letter_subscription, 1, TIMEOUT)
+        .await?;
+    worker.stop().await?;
+    let message = dead.first().context("dead-lettered")?;
+    assert_eq!(message.attribute("error_kind"), Some("invalid_message"));
+    let error = message.attribute("error").context("error")?;
+    ensure!(
+        error.contains("metadata.part makes object names longer than 1,024 bytes"),
+        "{error}"
+    );
+    assert!(
+        env.gcs.list(&env.bucket, "").await?.is_empty(),
+        "nothing uploaded"
+    );
+    ensure!(audio.exists(), "the source is kept");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_storage_class_is_the_class_of_uploads_is_asked_of_copies_and_the_event_reports_the_servers()
 -> anyhow::Result<()> {
     let env = TestEnv::new();
